@@ -1,0 +1,98 @@
+/* nbdkit-snapshot: bitmaps persisted in files ("map files").
+ *
+ * Layout (all integers little-endian):
+ *
+ *   offset 0     header, 4096 bytes:
+ *     0   magic       8 bytes  "NBDSNAPM"
+ *     8   version     u32      1
+ *     12  kind        u32      MAPFILE_KIND_* (what the bits mean)
+ *     16  granularity u32      bytes covered by one bit (power of 2)
+ *     20  reserved    u32      0
+ *     24  nbits       u64      number of bits
+ *     32  crc         u32      CRC-32 (util.h) of bytes 0..31
+ *     36  zero to 4096
+ *   offset 4096 + p * 4096   page p of the bitmap (sbitmap.h order)
+ *
+ * The file is sparse: pages never written are holes and read as zero,
+ * so creating a map for a huge volume is O(1) and loading skips holes
+ * with SEEK_DATA / SEEK_HOLE.
+ *
+ * Durability protocol (see docs/store-format.md): a writer sets bits in
+ * memory (sbitmap_set); mapfile_collect takes the dirty pages; the
+ * caller makes whatever data the bits describe durable; then
+ * mapfile_write stores the pages and fdatasyncs the file.  A crash
+ * between leaves the old pages, which never claim data that is not
+ * there.
+ *
+ * Thread safety: mapfile_collect may run concurrently with bit updates
+ * (sbitmap_take_dirty guarantees nothing is lost).  Callers serialise
+ * collect+write per file.
+ */
+#ifndef SNAP_MAPFILE_H
+#define SNAP_MAPFILE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sbitmap.h"
+
+#define MAPFILE_HEADER_SIZE 4096
+#define MAPFILE_VERSION 1
+
+enum {
+  MAPFILE_KIND_LAYER = 1,       /* bit set = layer holds this unit */
+  MAPFILE_KIND_DIRTY = 2,       /* bit set = unit changed since checkpoint */
+};
+
+/* Create (O_EXCL) the map file path with a header and no pages, fsync
+ * it, and return an open read-write descriptor, or -1 after calling
+ * snap_error with the path and reason.
+ */
+extern int mapfile_create (const char *path, uint32_t kind,
+                           uint32_t granularity, uint64_t nbits);
+
+/* Open the existing map file path, validate its header against kind,
+ * granularity and nbits, and load its pages into bm (which this
+ * initialises).  On success return a descriptor (read-write if
+ * writable, else read-only).  On any error call snap_error naming the
+ * path and the field, with the value found and the value wanted (e.g.
+ * "layer-3.map: bad magic", "... granularity 4096, expected 65536",
+ * "... header checksum 0x1234 does not match 0x5678"), and return -1.
+ */
+extern int mapfile_open (const char *path, uint32_t kind,
+                         uint32_t granularity, uint64_t nbits,
+                         int writable, struct sbitmap *bm)
+  __attribute__ ((__nonnull__ (1, 6)));
+
+/* The dirty pages of a bitmap taken by mapfile_collect. */
+struct mapfile_batch {
+  size_t n;                     /* Number of pages held. */
+  size_t alloc;
+  size_t *index;                /* Page numbers. */
+  uint64_t *words;              /* n * SBITMAP_PAGE_WORDS words. */
+};
+
+/* Take every dirty page of bm into batch (appending).  Return 0, or -1
+ * with errno set (ENOMEM; the pages taken stay in the batch so nothing
+ * is lost if the caller writes it anyway, or re-marked dirty).
+ */
+extern int mapfile_collect (struct sbitmap *bm, struct mapfile_batch *batch)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Write the pages of batch to fd and fdatasync fd (even when batch is
+ * empty, nothing is written and no sync is done).  Return 0, or -1 with
+ * errno set.
+ */
+extern int mapfile_write (int fd, const struct mapfile_batch *batch)
+  __attribute__ ((__nonnull__ (2)));
+
+/* Mark the pages of batch dirty again in bm (after a failed write). */
+extern void mapfile_batch_restore (struct sbitmap *bm,
+                                   const struct mapfile_batch *batch)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Empty the batch and free its memory. */
+extern void mapfile_batch_free (struct mapfile_batch *batch)
+  __attribute__ ((__nonnull__ (1)));
+
+#endif /* SNAP_MAPFILE_H */

@@ -1,0 +1,130 @@
+/* nbdkit-snapshot: sparse, thread-safe bitmaps.
+ *
+ * A bitmap of nbits bits is held as an array of pages of
+ * SBITMAP_PAGE_BITS bits (4 KiB of memory each).  A page is allocated
+ * the first time one of its bits is set, so an empty bitmap over a
+ * 1 TiB volume at 4 KiB granularity costs 64 KiB of page pointers, and
+ * a full one 32 MiB.
+ *
+ * Bit i lives in word i / 64 of its page, at bit position i % 64
+ * (least significant first).  Written out in little-endian words this
+ * is "bit i of the bitmap is bit (i % 8) of byte i / 8", the on-disk
+ * order mapfile.h uses.
+ *
+ * Every page also has a dirty flag, set whenever a bit of that page
+ * changes, which mapfile.h uses to write back only changed pages.
+ *
+ * Thread safety: sbitmap_test, _set, _clear, _set_range, _clear_range,
+ * _find_next_set, _find_next_clear, _count and _take_dirty may be
+ * called concurrently with each other (bit updates are atomic word
+ * operations; a page is installed with compare-and-swap).  A find that
+ * runs concurrently with updates sees each word either before or after
+ * each update.  sbitmap_init, _free and _load_page must not run
+ * concurrently with anything else on the same bitmap.
+ */
+#ifndef SNAP_SBITMAP_H
+#define SNAP_SBITMAP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SBITMAP_PAGE_BYTES 4096
+#define SBITMAP_PAGE_WORDS (SBITMAP_PAGE_BYTES / 8)
+#define SBITMAP_PAGE_BITS (SBITMAP_PAGE_BYTES * 8)
+
+struct sbitmap {
+  uint64_t nbits;               /* Number of bits. */
+  size_t npages;                /* Number of pages (last may be partial). */
+  uint64_t **pages;             /* npages pointers; NULL means all zero. */
+  uint8_t *dirty;               /* npages flags, 1 = changed since taken. */
+  uint64_t count;               /* Number of set bits (atomic). */
+};
+
+/* Initialise an all-zero bitmap of nbits bits.  Return 0, or -1 with
+ * errno set (ENOMEM).
+ */
+extern int sbitmap_init (struct sbitmap *bm, uint64_t nbits)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Free the pages.  The struct may be initialised again afterwards. */
+extern void sbitmap_free (struct sbitmap *bm)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Return the value of bit (bit < nbits). */
+extern bool sbitmap_test (const struct sbitmap *bm, uint64_t bit)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Set bit.  Return the previous value (0 or 1), or -1 with errno set
+ * if a page could not be allocated.
+ */
+extern int sbitmap_set (struct sbitmap *bm, uint64_t bit)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Clear bit.  Never allocates.  Returns the previous value. */
+extern int sbitmap_clear (struct sbitmap *bm, uint64_t bit)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Set bits [first, first + n).  Return the number of bits that were
+ * clear before, or -1 with errno set (a page could not be allocated;
+ * the bits in the pages before it are then already set and counted).
+ * Whole words at a time.
+ */
+extern int64_t sbitmap_set_range (struct sbitmap *bm,
+                                  uint64_t first, uint64_t n)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Clear bits [first, first + n).  Return the number of bits that were
+ * set before.  A page that becomes all zero stays allocated.
+ */
+extern uint64_t sbitmap_clear_range (struct sbitmap *bm,
+                                     uint64_t first, uint64_t n)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Return the first set (clear) bit at or after from, or nbits if there
+ * is none.  Absent pages are skipped whole; within a page the search
+ * goes a 64-bit word at a time.
+ */
+extern uint64_t sbitmap_find_next_set (const struct sbitmap *bm,
+                                       uint64_t from)
+  __attribute__ ((__nonnull__ (1)));
+extern uint64_t sbitmap_find_next_clear (const struct sbitmap *bm,
+                                         uint64_t from)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Number of set bits. */
+extern uint64_t sbitmap_count (const struct sbitmap *bm)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Count the set bits in [first, first + n). */
+extern uint64_t sbitmap_count_range (const struct sbitmap *bm,
+                                     uint64_t first, uint64_t n)
+  __attribute__ ((__nonnull__ (1)));
+
+/* If page p is marked dirty, clear the mark and copy the page's words
+ * into out (zeros for an absent page), in that order, and return true.
+ * Return false if the page is clean.  A bit set concurrently is either
+ * in the copy or leaves the page marked dirty again.
+ */
+extern bool sbitmap_take_dirty (struct sbitmap *bm, size_t p,
+                                uint64_t out[SBITMAP_PAGE_WORDS])
+  __attribute__ ((__nonnull__ (1, 3)));
+
+/* Mark page p dirty (e.g. after a failed write-back). */
+extern void sbitmap_mark_dirty (struct sbitmap *bm, size_t p)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Mark every page dirty (after a load, to rewrite everything). */
+extern void sbitmap_mark_all_dirty (struct sbitmap *bm)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Install the words of page p (used when loading from disk; bits past
+ * nbits must be zero).  The page is not marked dirty.  An all-zero
+ * page is not allocated.  Return 0, or -1 with errno set (EINVAL if a
+ * bit past nbits is set; the bitmap is then unchanged).
+ */
+extern int sbitmap_load_page (struct sbitmap *bm, size_t p,
+                              const uint64_t words[SBITMAP_PAGE_WORDS])
+  __attribute__ ((__nonnull__ (1, 3)));
+
+#endif /* SNAP_SBITMAP_H */

@@ -1,0 +1,358 @@
+/* nbdkit-snapshot: the store manifest (see manifest.h for the format). */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "manifest.h"
+
+static const char *mode_names[] = { "row", "cbw" };
+
+char *
+manifest_format (const struct manifest *m, size_t *len)
+{
+  char *buf = NULL;
+  size_t size = 0;
+  FILE *fp = open_memstream (&buf, &size);
+  uint32_t crc;
+
+  if (fp == NULL)
+    return NULL;
+  fprintf (fp, "nbdkit-snapshot-store %d\n", MANIFEST_VERSION);
+  fprintf (fp, "generation %" PRIu64 "\n", m->generation);
+  fprintf (fp, "mode %s\n", mode_names[m->mode]);
+  fprintf (fp, "block-size %" PRIu32 "\n", m->block_size);
+  fprintf (fp, "size %" PRIu64 "\n", m->size);
+  fprintf (fp, "next-id %" PRIu64 "\n", m->next_id);
+  for (size_t i = 0; i < m->nlayers; ++i)
+    fprintf (fp, "layer %" PRIu64 "\n", m->layers[i]);
+  for (size_t i = 0; i < m->nsnaps; ++i)
+    fprintf (fp, "snapshot %s created=%" PRIi64 " layer=%" PRIu64 "\n",
+             m->snaps[i].name, m->snaps[i].created, m->snaps[i].layer);
+  if (fflush (fp) == EOF) {
+    fclose (fp);
+    free (buf);
+    return NULL;
+  }
+  crc = snap_crc32 (0, buf, size);
+  fprintf (fp, "crc 0x%08" PRIx32 "\n", crc);
+  if (fclose (fp) == EOF) {
+    free (buf);
+    return NULL;
+  }
+  *len = size;
+  return buf;
+}
+
+/* Parse an unsigned decimal number that fills the whole string. */
+static int
+parse_u64 (const char *s, uint64_t *out)
+{
+  char *end;
+
+  if (*s < '0' || *s > '9')
+    return -1;
+  errno = 0;
+  *out = strtoull (s, &end, 10);
+  if (errno || *end)
+    return -1;
+  return 0;
+}
+
+int
+manifest_parse (const char *where, const char *text, size_t len,
+                struct manifest *m)
+{
+  CLEANUP_FREE char *copy = NULL;
+  char *line, *next;
+  int lineno = 0;
+  bool seen_crc = false, seen_header = false;
+  unsigned seen = 0;            /* bit mask of required keys seen */
+  enum { K_GEN = 1, K_MODE = 2, K_BS = 4, K_SIZE = 8, K_NEXT = 16 };
+
+  memset (m, 0, sizeof *m);
+  copy = malloc (len + 1);
+  if (copy == NULL) {
+    snap_error ("%s: %m", where);
+    return -1;
+  }
+  memcpy (copy, text, len);
+  copy[len] = '\0';
+  if (strlen (copy) != len) {
+    snap_error ("%s: contains a NUL byte: not a manifest", where);
+    return -1;
+  }
+
+  for (line = copy; *line; line = next) {
+    char key[32], arg[128], extra[2];
+    uint64_t v;
+    int n;
+
+    lineno++;
+    next = strchr (line, '\n');
+    if (next == NULL) {
+      snap_error ("%s: line %d: missing newline (truncated file?)",
+                  where, lineno);
+      goto err;
+    }
+    *next++ = '\0';
+    if (seen_crc) {
+      snap_error ("%s: line %d: text after the crc line", where, lineno);
+      goto err;
+    }
+
+    if (strncmp (line, "crc ", 4) == 0) {
+      uint32_t want = snap_crc32 (0, text, line - copy), found;
+      char *end;
+      errno = 0;
+      found = strtoul (line + 4, &end, 16);
+      if (errno || *end || end == line + 4) {
+        snap_error ("%s: line %d: bad crc line", where, lineno);
+        goto err;
+      }
+      if (found != want) {
+        snap_error ("%s: checksum 0x%08" PRIx32 " does not match the "
+                    "contents (0x%08" PRIx32 "): the manifest is damaged",
+                    where, found, want);
+        goto err;
+      }
+      seen_crc = true;
+      continue;
+    }
+
+    n = sscanf (line, "%31s %127s %1s", key, arg, extra);
+    if (!seen_header) {
+      if (n != 2 || strcmp (key, "nbdkit-snapshot-store") != 0) {
+        snap_error ("%s: not an nbdkit-snapshot store manifest", where);
+        goto err;
+      }
+      if (parse_u64 (arg, &v) == -1 || v != MANIFEST_VERSION) {
+        snap_error ("%s: store format version %s, expected %d",
+                    where, arg, MANIFEST_VERSION);
+        goto err;
+      }
+      seen_header = true;
+      continue;
+    }
+
+    if (strcmp (key, "snapshot") == 0) {
+      char name[SNAP_NAME_MAX + 2];
+      int64_t created;
+      uint64_t layer;
+      int end = -1;
+      if (sscanf (line, "snapshot %65s created=%" SCNi64 " layer=%" SCNu64 "%n",
+                  name, &created, &layer, &end) != 3 ||
+          end < 0 || line[end] != '\0') {
+        snap_error ("%s: line %d: bad snapshot line", where, lineno);
+        goto err;
+      }
+      if (snap_name_invalid (name)) {
+        snap_error ("%s: line %d: invalid name '%s': %s",
+                    where, lineno, name, snap_name_invalid (name));
+        goto err;
+      }
+      if (manifest_find_snapshot (m, name) >= 0) {
+        snap_error ("%s: line %d: snapshot '%s' appears twice",
+                    where, lineno, name);
+        goto err;
+      }
+      if (manifest_add_snapshot (m, name, created, layer) == -1) {
+        snap_error ("%s: %m", where);
+        goto err;
+      }
+      continue;
+    }
+
+    if (n != 2) {
+      snap_error ("%s: line %d: expected 'KEY VALUE'", where, lineno);
+      goto err;
+    }
+    if (strcmp (key, "mode") == 0) {
+      if (strcmp (arg, "row") == 0)
+        m->mode = MODE_ROW;
+      else if (strcmp (arg, "cbw") == 0)
+        m->mode = MODE_CBW;
+      else {
+        snap_error ("%s: line %d: unknown mode '%s'", where, lineno, arg);
+        goto err;
+      }
+      seen |= K_MODE;
+      continue;
+    }
+    if (parse_u64 (arg, &v) == -1) {
+      snap_error ("%s: line %d: '%s' is not a number", where, lineno, arg);
+      goto err;
+    }
+    if (strcmp (key, "generation") == 0)
+      m->generation = v, seen |= K_GEN;
+    else if (strcmp (key, "block-size") == 0) {
+      if (!is_power_of_2 (v) || v < 4096 || v > 2 * 1024 * 1024) {
+        snap_error ("%s: line %d: block size %" PRIu64
+                    " is not a power of 2 from 4096 to 2097152",
+                    where, lineno, v);
+        goto err;
+      }
+      m->block_size = v, seen |= K_BS;
+    }
+    else if (strcmp (key, "size") == 0)
+      m->size = v, seen |= K_SIZE;
+    else if (strcmp (key, "next-id") == 0)
+      m->next_id = v, seen |= K_NEXT;
+    else if (strcmp (key, "layer") == 0) {
+      if (v == 0 || (m->nlayers > 0 && v <= m->layers[m->nlayers - 1])) {
+        snap_error ("%s: line %d: layer ids must increase", where, lineno);
+        goto err;
+      }
+      if (manifest_add_layer (m, v) == -1) {
+        snap_error ("%s: %m", where);
+        goto err;
+      }
+    }
+    else {
+      snap_error ("%s: line %d: unknown key '%s'", where, lineno, key);
+      goto err;
+    }
+  }
+
+  if (!seen_header || !seen_crc) {
+    snap_error ("%s: %s", where,
+                seen_header ? "no crc line (truncated file?)"
+                : "empty file: not a manifest");
+    goto err;
+  }
+  if (seen != (K_GEN | K_MODE | K_BS | K_SIZE | K_NEXT)) {
+    snap_error ("%s: a required key is missing", where);
+    goto err;
+  }
+  if (m->nlayers > 0 && m->layers[m->nlayers - 1] >= m->next_id) {
+    snap_error ("%s: next-id %" PRIu64 " is not above every layer id",
+                where, m->next_id);
+    goto err;
+  }
+  for (size_t i = 0; i < m->nsnaps; ++i) {
+    if (m->snaps[i].layer >= m->next_id ||
+        (i > 0 && m->snaps[i].layer < m->snaps[i - 1].layer)) {
+      snap_error ("%s: snapshot '%s' names layer %" PRIu64
+                  " out of order", where, m->snaps[i].name,
+                  m->snaps[i].layer);
+      goto err;
+    }
+  }
+  return 0;
+
+ err:
+  manifest_free (m);
+  return -1;
+}
+
+int
+manifest_load (const char *dir, struct manifest *m)
+{
+  CLEANUP_FREE char *path = NULL, *buf = NULL;
+  CLEANUP_CLOSE int fd = -1;
+  struct stat st;
+
+  if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1) {
+    snap_error ("asprintf: %m");
+    return -1;
+  }
+  fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1) {
+    if (errno == ENOENT)
+      return 0;
+    snap_error ("%s: %m", path);
+    return -1;
+  }
+  if (fstat (fd, &st) == -1) {
+    snap_error ("%s: fstat: %m", path);
+    return -1;
+  }
+  if (st.st_size > 16 * 1024 * 1024) {
+    snap_error ("%s: %" PRIi64 " bytes is too large for a manifest",
+                path, (int64_t) st.st_size);
+    return -1;
+  }
+  buf = malloc (st.st_size + 1);
+  if (buf == NULL || full_pread (fd, buf, st.st_size, 0) == -1) {
+    snap_error ("%s: read: %m", path);
+    return -1;
+  }
+  if (manifest_parse (path, buf, st.st_size, m) == -1)
+    return -1;
+  return 1;
+}
+
+int
+manifest_save (const char *dir, struct manifest *m)
+{
+  CLEANUP_FREE char *text = NULL;
+  size_t len;
+
+  m->generation++;
+  text = manifest_format (m, &len);
+  if (text == NULL || write_file_atomic (dir, MANIFEST_NAME, text, len) == -1) {
+    m->generation--;
+    return -1;
+  }
+  return 0;
+}
+
+void
+manifest_free (struct manifest *m)
+{
+  free (m->layers);
+  free (m->snaps);
+  m->layers = NULL;
+  m->snaps = NULL;
+  m->nlayers = m->nsnaps = 0;
+}
+
+ssize_t
+manifest_find_snapshot (const struct manifest *m, const char *name)
+{
+  for (size_t i = 0; i < m->nsnaps; ++i)
+    if (strcmp (m->snaps[i].name, name) == 0)
+      return i;
+  return -1;
+}
+
+int
+manifest_add_layer (struct manifest *m, uint64_t id)
+{
+  uint64_t *p = realloc (m->layers, (m->nlayers + 1) * sizeof *p);
+
+  if (p == NULL)
+    return -1;
+  m->layers = p;
+  m->layers[m->nlayers++] = id;
+  return 0;
+}
+
+int
+manifest_add_snapshot (struct manifest *m, const char *name,
+                       int64_t created, uint64_t layer)
+{
+  struct manifest_snapshot *p;
+
+  if (strlen (name) > SNAP_NAME_MAX) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  p = realloc (m->snaps, (m->nsnaps + 1) * sizeof *p);
+  if (p == NULL)
+    return -1;
+  m->snaps = p;
+  p = &m->snaps[m->nsnaps++];
+  memset (p, 0, sizeof *p);
+  strcpy (p->name, name);
+  p->created = created;
+  p->layer = layer;
+  return 0;
+}

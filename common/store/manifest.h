@@ -1,0 +1,98 @@
+/* nbdkit-snapshot: the store manifest.
+ *
+ * The manifest is a small text file, STORE/manifest, that names
+ * everything else in the store.  It is replaced atomically
+ * (write_file_atomic: temp file, fsync, rename, fsync dir) and carries
+ * a generation number that goes up by one with each save, and a CRC
+ * of its text so a damaged file is refused rather than misread.
+ *
+ *   nbdkit-snapshot-store 1
+ *   generation 12
+ *   mode row
+ *   block-size 65536
+ *   size 1073741824
+ *   next-id 4
+ *   layer 1
+ *   layer 3
+ *   snapshot nightly created=1764383400 layer=1
+ *   snapshot hourly created=1764387000 layer=3
+ *   crc 0x8c2a61f0
+ *
+ * Layers are listed oldest first.  A snapshot's "layer" is the id of
+ * the layer that was started when it was taken: in row mode its view
+ * is every layer with a smaller id, then the origin.  The crc line is
+ * the CRC-32 (util.h) of every byte before it.
+ *
+ * Thread safety: none; the filter serialises manifest changes.
+ */
+#ifndef SNAP_MANIFEST_H
+#define SNAP_MANIFEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util.h"
+
+#define MANIFEST_NAME "manifest"
+#define MANIFEST_VERSION 1
+
+enum snap_mode { MODE_ROW = 0, MODE_CBW = 1 };
+
+struct manifest_snapshot {
+  char name[SNAP_NAME_MAX + 1];
+  int64_t created;              /* Unix time it was taken. */
+  uint64_t layer;               /* Id of the layer started when taken. */
+};
+
+struct manifest {
+  uint64_t generation;
+  enum snap_mode mode;
+  uint32_t block_size;
+  uint64_t size;                /* Volume size in bytes. */
+  uint64_t next_id;             /* Next layer id to hand out (>= 1). */
+  size_t nlayers;
+  uint64_t *layers;             /* Layer ids, oldest first, increasing. */
+  size_t nsnaps;
+  struct manifest_snapshot *snaps; /* Oldest first. */
+};
+
+/* Render m as text (malloc'd, *len set).  NULL with errno on ENOMEM. */
+extern char *manifest_format (const struct manifest *m, size_t *len)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Parse text into m (which this initialises).  On error return -1
+ * and call snap_error with "LINE N: what is wrong" prefixed by where.
+ */
+extern int manifest_parse (const char *where, const char *text, size_t len,
+                           struct manifest *m)
+  __attribute__ ((__nonnull__ (1, 2, 4)));
+
+/* Load DIR/manifest.  Return 1 if loaded, 0 if there is no manifest
+ * (a new store), -1 on error (reported with snap_error).
+ */
+extern int manifest_load (const char *dir, struct manifest *m)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Increment m->generation and replace DIR/manifest atomically.
+ * Return 0, or -1 with errno set (m->generation is restored).
+ */
+extern int manifest_save (const char *dir, struct manifest *m)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Free the arrays of m. */
+extern void manifest_free (struct manifest *m)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Lookups.  Return the index, or -1. */
+extern ssize_t manifest_find_snapshot (const struct manifest *m,
+                                       const char *name)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Append a layer id / a snapshot.  Return 0, or -1 with errno. */
+extern int manifest_add_layer (struct manifest *m, uint64_t id)
+  __attribute__ ((__nonnull__ (1)));
+extern int manifest_add_snapshot (struct manifest *m, const char *name,
+                                  int64_t created, uint64_t layer)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+#endif /* SNAP_MANIFEST_H */

@@ -1,0 +1,149 @@
+/* Unit tests for the store manifest. */
+#include <config.h>
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#undef NDEBUG
+#include <assert.h>
+
+#include "manifest.h"
+
+static char last_error[1024];
+
+void
+snap_verror (const char *fs, va_list args)
+{
+  vsnprintf (last_error, sizeof last_error, fs, args);
+  fprintf (stderr, "error: %s\n", last_error);
+}
+
+void
+snap_error (const char *fs, ...)
+{
+  va_list args;
+  va_start (args, fs);
+  snap_verror (fs, args);
+  va_end (args);
+}
+
+/* Parse text and expect an error containing want. */
+static void
+expect_error (const char *text, const char *want)
+{
+  struct manifest m;
+
+  last_error[0] = '\0';
+  assert (manifest_parse ("t", text, strlen (text), &m) == -1);
+  if (strstr (last_error, want) == NULL) {
+    fprintf (stderr, "wanted '%s' in '%s'\n", want, last_error);
+    abort ();
+  }
+}
+
+/* Re-render text with a correct crc line appended. */
+static char *
+with_crc (const char *body)
+{
+  char *s;
+  assert (asprintf (&s, "%scrc 0x%08x\n", body,
+                    snap_crc32 (0, body, strlen (body))) > 0);
+  return s;
+}
+
+int
+main (void)
+{
+  struct manifest m = { 0 }, m2;
+  char dir[] = "/tmp/test-manifest.XXXXXX";
+  char *text, *s;
+  size_t len;
+
+  m.mode = MODE_ROW;
+  m.block_size = 65536;
+  m.size = 1ULL << 40;
+  m.next_id = 4;
+  assert (manifest_add_layer (&m, 1) == 0);
+  assert (manifest_add_layer (&m, 3) == 0);
+  assert (manifest_add_snapshot (&m, "nightly", 1764383400, 1) == 0);
+  assert (manifest_add_snapshot (&m, "a.b-c_9", 1764387000, 3) == 0);
+
+  /* Round trip through text. */
+  text = manifest_format (&m, &len);
+  assert (text);
+  assert (manifest_parse ("t", text, len, &m2) == 0);
+  assert (m2.mode == MODE_ROW && m2.block_size == 65536);
+  assert (m2.size == 1ULL << 40 && m2.next_id == 4);
+  assert (m2.nlayers == 2 && m2.layers[0] == 1 && m2.layers[1] == 3);
+  assert (m2.nsnaps == 2);
+  assert (strcmp (m2.snaps[1].name, "a.b-c_9") == 0);
+  assert (m2.snaps[1].created == 1764387000 && m2.snaps[1].layer == 3);
+  assert (manifest_find_snapshot (&m2, "nightly") == 0);
+  assert (manifest_find_snapshot (&m2, "nope") == -1);
+  manifest_free (&m2);
+
+  /* Every single-byte corruption is refused. */
+  for (size_t i = 0; i < len; ++i) {
+    char saved = text[i];
+    text[i] ^= 0x01;
+    assert (manifest_parse ("t", text, len, &m2) == -1);
+    text[i] = saved;
+  }
+  /* Truncation at any point is refused. */
+  for (size_t i = 0; i < len; ++i)
+    assert (manifest_parse ("t", text, i, &m2) == -1);
+  free (text);
+
+  expect_error ("", "empty file");
+  expect_error ("hello world\n", "not an nbdkit-snapshot store manifest");
+  s = with_crc ("nbdkit-snapshot-store 2\n");
+  expect_error (s, "store format version 2, expected 1");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 3000\nsize 1\nnext-id 1\n");
+  expect_error (s, "block size 3000");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode xyz\n");
+  expect_error (s, "unknown mode 'xyz'");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\n");
+  expect_error (s, "required key is missing");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\nsnapshot ../x "
+                "created=1 layer=1\n");
+  expect_error (s, "invalid name '../x'");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\nlayer 2\nlayer 1\n");
+  expect_error (s, "layer ids must increase");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 2\nlayer 2\n");
+  expect_error (s, "next-id 2 is not above");
+  free (s);
+  expect_error ("nbdkit-snapshot-store 1\ncrc 0x00000000\n", "damaged");
+
+  /* Save and load, generation increments. */
+  assert (mkdtemp (dir) != NULL);
+  assert (manifest_load (dir, &m2) == 0);        /* none yet */
+  assert (manifest_save (dir, &m) == 0);
+  assert (m.generation == 1);
+  assert (manifest_save (dir, &m) == 0);
+  assert (manifest_load (dir, &m2) == 1);
+  assert (m2.generation == 2 && m2.nsnaps == 2);
+  manifest_free (&m2);
+  {
+    char path[256];
+    snprintf (path, sizeof path, "%s/%s", dir, MANIFEST_NAME);
+    unlink (path);
+  }
+  rmdir (dir);
+  manifest_free (&m);
+  printf ("test-manifest: ok\n");
+  return 0;
+}

@@ -1,0 +1,172 @@
+/* nbdkit-snapshot: small helpers shared by the filter, the tool and tests. */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "util.h"
+
+static uint32_t crc_table[256];
+
+static void
+crc_table_init (void)
+{
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k)
+      c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
+    crc_table[i] = c;
+  }
+}
+
+uint32_t
+snap_crc32 (uint32_t crc, const void *buf, size_t len)
+{
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  const unsigned char *p = buf;
+
+  pthread_once (&once, crc_table_init);
+  crc = ~crc;
+  while (len--)
+    crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+int
+full_pread (int fd, void *buf, size_t count, off_t offset)
+{
+  char *p = buf;
+
+  while (count > 0) {
+    ssize_t r = pread (fd, p, count, offset);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    if (r == 0) {               /* End of file: the rest reads as zeros. */
+      memset (p, 0, count);
+      return 0;
+    }
+    p += r;
+    offset += r;
+    count -= r;
+  }
+  return 0;
+}
+
+int
+full_pwrite (int fd, const void *buf, size_t count, off_t offset)
+{
+  const char *p = buf;
+
+  while (count > 0) {
+    ssize_t r = pwrite (fd, p, count, offset);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    p += r;
+    offset += r;
+    count -= r;
+  }
+  return 0;
+}
+
+int
+fsync_dir (const char *dir)
+{
+  CLEANUP_CLOSE int fd = open (dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+  if (fd == -1)
+    return -1;
+  return fsync (fd);
+}
+
+int
+write_file_atomic (const char *dir, const char *name,
+                   const void *data, size_t len)
+{
+  CLEANUP_FREE char *tmp = NULL, *path = NULL;
+  int fd;
+
+  if (asprintf (&tmp, "%s/.%s.tmp", dir, name) == -1 ||
+      asprintf (&path, "%s/%s", dir, name) == -1)
+    return -1;
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd == -1)
+    return -1;
+  if (full_pwrite (fd, data, len, 0) == -1 || fsync (fd) == -1) {
+    int e = errno;
+    close (fd);
+    unlink (tmp);
+    errno = e;
+    return -1;
+  }
+  if (close (fd) == -1 || rename (tmp, path) == -1) {
+    int e = errno;
+    unlink (tmp);
+    errno = e;
+    return -1;
+  }
+  return fsync_dir (dir);
+}
+
+const char *
+snap_name_invalid (const char *name)
+{
+  size_t len = strlen (name);
+
+  if (len == 0)
+    return "name is empty";
+  if (len > SNAP_NAME_MAX)
+    return "name is longer than 64 characters";
+  if (name[0] == '.' || name[0] == '-')
+    return "name must not start with '.' or '-'";
+  for (size_t i = 0; i < len; ++i) {
+    char c = name[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
+      return "name may contain only letters, digits, '.', '_' and '-'";
+  }
+  return NULL;
+}
+
+char *
+human_size (char *buf, size_t buflen, uint64_t bytes)
+{
+  static const char *units[] = { "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+  double v = bytes;
+  int u = -1;
+
+  if (bytes < 1024) {
+    snprintf (buf, buflen, "%" PRIu64 " B", bytes);
+    return buf;
+  }
+  while (v >= 1024 && u < 5) {
+    v /= 1024;
+    u++;
+  }
+  snprintf (buf, buflen, "%.1f %s", v, units[u]);
+  return buf;
+}
+
+char *
+iso_time (char *buf, size_t buflen, int64_t t)
+{
+  time_t tt = t;
+  struct tm tm;
+
+  if (gmtime_r (&tt, &tm) == NULL ||
+      strftime (buf, buflen, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+    snprintf (buf, buflen, "%" PRIi64, t);
+  return buf;
+}

@@ -1,0 +1,77 @@
+/* nbdkit-snapshot: small helpers shared by the filter, the tool and tests.
+ *
+ * Every function here is thread-safe unless it says otherwise.
+ */
+#ifndef SNAP_UTIL_H
+#define SNAP_UTIL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define MIN(a, b) ({ __typeof__ (a) _a = (a); __typeof__ (b) _b = (b); \
+                     _a < _b ? _a : _b; })
+#define MAX(a, b) ({ __typeof__ (a) _a = (a); __typeof__ (b) _b = (b); \
+                     _a > _b ? _a : _b; })
+
+/* Round to a multiple of a power of two. */
+#define ROUND_UP(i, n) ({ __typeof__ (n) _n = (n); \
+                          ((i) + _n - 1) & ~(__typeof__ (i)) (_n - 1); })
+#define ROUND_DOWN(i, n) ((i) & ~(__typeof__ (i)) ((n) - 1))
+#define IS_ALIGNED(i, n) (((i) & ((n) - 1)) == 0)
+
+static inline bool
+is_power_of_2 (uint64_t v)
+{
+  return v != 0 && (v & (v - 1)) == 0;
+}
+
+/* Error reporting used by common/ code.  Each program (the filter,
+ * nbdsnap, the unit tests) provides its own definition: the filter
+ * forwards to nbdkit_verror, nbdsnap prints "nbdsnap: ...".
+ */
+extern void snap_error (const char *fs, ...)
+  __attribute__ ((format (printf, 1, 2)));
+extern void snap_verror (const char *fs, va_list args)
+  __attribute__ ((format (printf, 1, 0)));
+
+/* CRC-32 (IEEE 802.3, as zlib's crc32) of len bytes, continuing crc
+ * (start with 0).
+ */
+extern uint32_t snap_crc32 (uint32_t crc, const void *buf, size_t len);
+
+/* pread/pwrite the whole buffer, retrying short transfers and EINTR.
+ * A read past end of file fills the rest with zeros.  Return 0, or -1
+ * with errno set.
+ */
+extern int full_pread (int fd, void *buf, size_t count, off_t offset);
+extern int full_pwrite (int fd, const void *buf, size_t count, off_t offset);
+
+/* Replace the file dir/name with contents atomically: write
+ * dir/.name.tmp, fsync it, rename over dir/name, fsync dir.
+ * Return 0, or -1 with errno set.
+ */
+extern int write_file_atomic (const char *dir, const char *name,
+                              const void *data, size_t len);
+
+/* fsync the directory dir.  Return 0, or -1 with errno set. */
+extern int fsync_dir (const char *dir);
+
+/* Checkpoint and snapshot names: 1 to 64 of [A-Za-z0-9._-], not
+ * starting with '.' or '-'.  Return NULL if name is valid, or a static
+ * string saying why not (for "invalid name '%s': %s").
+ */
+#define SNAP_NAME_MAX 64
+extern const char *snap_name_invalid (const char *name);
+
+/* Format an unsigned byte count for humans: "512 B", "4.0 KiB", "1.5 GiB".
+ * Returns buf.
+ */
+extern char *human_size (char *buf, size_t buflen, uint64_t bytes);
+
+/* Format a Unix time as ISO 8601 UTC ("2026-11-29T02:30:00Z").  Returns buf. */
+extern char *iso_time (char *buf, size_t buflen, int64_t t);
+
+#endif /* SNAP_UTIL_H */

@@ -1,0 +1,484 @@
+/* nbdkit-snapshot: the control socket.
+ *
+ * One thread serves a Unix socket: each client sends one JSON object
+ * per line and gets one JSON object per line back, in order.  Clients
+ * are multiplexed with poll(2), so a slow or broken client cannot stop
+ * the others.  A line longer than CONTROL_MAX_LINE gets an error reply
+ * and is skipped up to its newline; a client that closes its side
+ * after a partial line gets a reply to that line, then is closed.
+ *
+ * Requests change the store under store.control_lock (serialised
+ * against each other) and store.lock (against I/O).
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "cleanup.h"
+#include "json.h"
+#include "store.h"
+#include "util.h"
+
+#define CONTROL_MAX_LINE (64 * 1024)
+#define CONTROL_MAX_CLIENTS 32
+
+struct client {
+  int fd;
+  bool skipping;                /* discarding an over-long line */
+  size_t len;
+  char buf[CONTROL_MAX_LINE + 1];
+};
+
+static int listen_fd = -1;
+static int wake_pipe[2] = { -1, -1 };
+static pthread_t thread;
+static bool thread_running;
+static char *socket_path;       /* what we bound, unlinked at stop */
+static struct client *clients[CONTROL_MAX_CLIENTS];
+
+/* ---- Replies ---- */
+
+void
+describe_checkpoint (struct jw *w, size_t i)
+{
+  const struct manifest_snapshot *s = &store.m.snaps[i];
+  uint64_t changed = store_changed_blocks (s);
+  char when[64];
+  CLEANUP_FREE char *export = NULL;
+
+  jw_key (w, "name");
+  jw_string (w, s->name);
+  jw_key (w, "kind");
+  jw_string (w, "snapshot");
+  jw_key (w, "mode");
+  jw_string (w, "row");
+  jw_key (w, "created");
+  jw_int (w, s->created);
+  jw_key (w, "created_iso");
+  jw_string (w, iso_time (when, sizeof when, s->created));
+  jw_key (w, "export");
+  if (asprintf (&export, "snap/%s", s->name) == -1)
+    export = NULL;
+  jw_string (w, export);
+  jw_key (w, "changed_blocks");
+  jw_uint (w, changed);
+  jw_key (w, "changed_bytes");
+  jw_uint (w, MIN (changed * store.block_size, store.size));
+  jw_key (w, "layer_bytes");
+  jw_uint (w, store_layer_bytes (s->layer));
+}
+
+static char *
+error_reply (const char *fs, ...) __attribute__ ((format (printf, 1, 2)));
+
+static char *
+error_reply (const char *fs, ...)
+{
+  CLEANUP_FREE char *msg = NULL;
+  struct jw w;
+  va_list args;
+  int r;
+
+  va_start (args, fs);
+  r = vasprintf (&msg, fs, args);
+  va_end (args);
+  jw_init (&w);
+  jw_begin_object (&w);
+  jw_key (&w, "ok");
+  jw_bool (&w, false);
+  jw_key (&w, "error");
+  jw_string (&w, r == -1 ? "out of memory" : msg);
+  jw_end_object (&w);
+  return jw_finish (&w);
+}
+
+static char *
+checkpoint_reply (size_t i)
+{
+  struct jw w;
+
+  jw_init (&w);
+  jw_begin_object (&w);
+  jw_key (&w, "ok");
+  jw_bool (&w, true);
+  jw_key (&w, "checkpoint");
+  jw_begin_object (&w);
+  describe_checkpoint (&w, i);
+  jw_end_object (&w);
+  jw_end_object (&w);
+  return jw_finish (&w);
+}
+
+/* ---- Commands ---- */
+
+static char *
+cmd_list (const struct json *req)
+{
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  struct jw w;
+
+  jw_init (&w);
+  jw_begin_object (&w);
+  jw_key (&w, "ok");
+  jw_bool (&w, true);
+  jw_key (&w, "store");
+  jw_string (&w, store.dir);
+  jw_key (&w, "mode");
+  jw_string (&w, "row");
+  jw_key (&w, "block_size");
+  jw_uint (&w, store.block_size);
+  jw_key (&w, "size");
+  jw_uint (&w, store.size);
+  jw_key (&w, "checkpoints");
+  jw_begin_array (&w);
+  for (size_t i = 0; i < store.m.nsnaps; ++i) {
+    jw_begin_object (&w);
+    describe_checkpoint (&w, i);
+    jw_end_object (&w);
+  }
+  jw_end_array (&w);
+  jw_end_object (&w);
+  return jw_finish (&w);
+}
+
+/* The "name" member, validated.  On error return NULL and set *reply. */
+static const char *
+get_name (const struct json *req, char **reply)
+{
+  const char *name = json_get_string (req, "name");
+  const char *why;
+
+  if (name == NULL) {
+    *reply = error_reply ("missing \"name\"");
+    return NULL;
+  }
+  why = snap_name_invalid (name);
+  if (why) {
+    *reply = error_reply ("invalid name '%s': %s", name, why);
+    return NULL;
+  }
+  return name;
+}
+
+static char *
+cmd_info (const struct json *req)
+{
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  char *reply = NULL;
+  const char *name = get_name (req, &reply);
+  ssize_t i;
+
+  if (name == NULL)
+    return reply;
+  i = manifest_find_snapshot (&store.m, name);
+  if (i == -1)
+    return error_reply ("no checkpoint named '%s'", name);
+  return checkpoint_reply (i);
+}
+
+static char *
+cmd_create (const struct json *req)
+{
+  char *reply = NULL;
+  const char *name = get_name (req, &reply);
+  CLEANUP_FREE char *errmsg = NULL;
+  ssize_t i;
+
+  if (name == NULL)
+    return reply;
+  i = store_create_snapshot (name, flush_origin_bg, &errmsg);
+  if (i == -1)
+    return error_reply ("%s", errmsg ? errmsg : "out of memory");
+  {
+    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    return checkpoint_reply (i);
+  }
+}
+
+static const struct {
+  const char *name;
+  char *(*fn) (const struct json *req);
+} commands[] = {
+  { "list", cmd_list },
+  { "info", cmd_info },
+  { "create", cmd_create },
+};
+
+/* Handle one request line; return the reply (malloc'd) or NULL. */
+static char *
+handle_request (const char *line, size_t len)
+{
+  CLEANUP_FREE char *errmsg = NULL;
+  struct json *req;
+  const char *cmd;
+  char *reply = NULL;
+
+  req = json_parse (line, len, &errmsg);
+  if (req == NULL)
+    return error_reply ("invalid request: %s",
+                        errmsg ? errmsg : "out of memory");
+  if (req->type != JSON_OBJECT) {
+    json_free (req);
+    return error_reply ("invalid request: expected a JSON object");
+  }
+  cmd = json_get_string (req, "cmd");
+  if (cmd == NULL)
+    reply = error_reply ("invalid request: missing \"cmd\"");
+  else {
+    size_t i;
+    for (i = 0; i < sizeof commands / sizeof commands[0]; ++i)
+      if (strcmp (cmd, commands[i].name) == 0)
+        break;
+    if (i == sizeof commands / sizeof commands[0])
+      reply = error_reply ("unknown command '%s'", cmd);
+    else {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.control_lock);
+      if (snapshot_debug_verbose)
+        nbdkit_debug ("snapshot: control: %s", cmd);
+      reply = commands[i].fn (req);
+    }
+  }
+  json_free (req);
+  return reply;
+}
+
+/* ---- The socket ---- */
+
+static void
+send_reply (struct client *c, char *reply)
+{
+  size_t n;
+  char *p;
+
+  if (reply == NULL)
+    reply = error_reply ("out of memory");
+  if (reply == NULL)
+    return;
+  n = strlen (reply);
+  p = realloc (reply, n + 2);
+  if (p == NULL) {
+    free (reply);
+    return;
+  }
+  reply = p;
+  strcpy (reply + n++, "\n");
+  while (n > 0) {
+    ssize_t r = send (c->fd, p, n, MSG_NOSIGNAL);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      break;                    /* The client went away. */
+    }
+    p += r;
+    n -= r;
+  }
+  free (reply);
+}
+
+static void
+client_close (size_t i)
+{
+  close (clients[i]->fd);
+  free (clients[i]);
+  clients[i] = NULL;
+}
+
+/* Answer each complete line in c->buf. */
+static void
+process_lines (struct client *c)
+{
+  char *nl;
+
+  while ((nl = memchr (c->buf, '\n', c->len)) != NULL) {
+    size_t linelen = nl - c->buf;
+
+    if (c->skipping)
+      c->skipping = false;
+    else
+      send_reply (c, handle_request (c->buf, linelen));
+    memmove (c->buf, nl + 1, c->len - linelen - 1);
+    c->len -= linelen + 1;
+  }
+  if (c->len > CONTROL_MAX_LINE) {
+    if (!c->skipping)
+      send_reply (c, error_reply ("request too long (more than %d bytes)",
+                                  CONTROL_MAX_LINE));
+    c->skipping = true;
+    c->len = 0;
+  }
+}
+
+static void
+client_read (size_t i)
+{
+  struct client *c = clients[i];
+  ssize_t r = recv (c->fd, c->buf + c->len,
+                    sizeof c->buf - c->len, 0);
+
+  if (r == -1 && errno == EINTR)
+    return;
+  if (r <= 0) {
+    /* Half-closed: answer a final unterminated request, then close. */
+    if (r == 0 && c->len > 0 && !c->skipping)
+      send_reply (c, handle_request (c->buf, c->len));
+    client_close (i);
+    return;
+  }
+  c->len += r;
+  process_lines (c);
+}
+
+static void
+client_accept (void)
+{
+  int fd = accept4 (listen_fd, NULL, NULL, SOCK_CLOEXEC);
+  size_t i;
+
+  if (fd == -1)
+    return;
+  for (i = 0; i < CONTROL_MAX_CLIENTS; ++i)
+    if (clients[i] == NULL)
+      break;
+  if (i == CONTROL_MAX_CLIENTS) {
+    struct client tmp = { .fd = fd };
+    send_reply (&tmp, error_reply ("too many control clients"));
+    close (fd);
+    return;
+  }
+  clients[i] = malloc (sizeof *clients[i]);
+  if (clients[i] == NULL) {
+    close (fd);
+    return;
+  }
+  clients[i]->fd = fd;
+  clients[i]->skipping = false;
+  clients[i]->len = 0;
+}
+
+static void *
+control_thread (void *arg)
+{
+  for (;;) {
+    struct pollfd fds[CONTROL_MAX_CLIENTS + 2];
+    size_t idx[CONTROL_MAX_CLIENTS];
+    size_t n = 2, nc = 0;
+
+    fds[0] = (struct pollfd) { .fd = wake_pipe[0], .events = POLLIN };
+    fds[1] = (struct pollfd) { .fd = listen_fd, .events = POLLIN };
+    for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i)
+      if (clients[i]) {
+        fds[n++] = (struct pollfd) { .fd = clients[i]->fd, .events = POLLIN };
+        idx[nc++] = i;
+      }
+    if (poll (fds, n, -1) == -1) {
+      if (errno == EINTR)
+        continue;
+      nbdkit_error ("snapshot: control: poll: %m");
+      break;
+    }
+    if (fds[0].revents)
+      break;
+    for (size_t k = 0; k < nc; ++k)
+      if (fds[k + 2].revents)
+        client_read (idx[k]);
+    if (fds[1].revents & POLLIN)
+      client_accept ();
+  }
+  for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i)
+    if (clients[i])
+      client_close (i);
+  return NULL;
+}
+
+int
+control_start (const char *path)
+{
+  struct sockaddr_un addr = { .sun_family = AF_UNIX };
+  CLEANUP_FREE char *link = NULL;
+  int err;
+
+  if (asprintf (&link, "%s/control.sock", store.dir) == -1) {
+    nbdkit_error ("asprintf: %m");
+    return -1;
+  }
+  if (path == NULL)
+    path = link;
+  if (strlen (path) >= sizeof addr.sun_path) {
+    nbdkit_error ("snapshot-control: the socket path %s is too long "
+                  "(%zu bytes, at most %zu): use snapshot-control=SOCKET "
+                  "with a shorter path", path, strlen (path),
+                  sizeof addr.sun_path - 1);
+    return -1;
+  }
+  strcpy (addr.sun_path, path);
+  socket_path = strdup (path);
+
+  /* We hold the store lock, so a socket left at this path is stale. */
+  unlink (path);
+  listen_fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd == -1 ||
+      bind (listen_fd, (struct sockaddr *) &addr, sizeof addr) == -1 ||
+      chmod (path, 0600) == -1 ||
+      listen (listen_fd, 16) == -1) {
+    nbdkit_error ("snapshot-control=%s: %m", path);
+    return -1;
+  }
+  if (path != link) {
+    CLEANUP_FREE char *abs = realpath (path, NULL);
+    unlink (link);
+    if (abs == NULL || symlink (abs, link) == -1) {
+      nbdkit_error ("%s: cannot link to the control socket: %m", link);
+      return -1;
+    }
+  }
+  if (pipe2 (wake_pipe, O_CLOEXEC) == -1) {
+    nbdkit_error ("pipe2: %m");
+    return -1;
+  }
+  err = pthread_create (&thread, NULL, control_thread, NULL);
+  if (err) {
+    errno = err;
+    nbdkit_error ("pthread_create: %m");
+    return -1;
+  }
+  thread_running = true;
+  nbdkit_debug ("snapshot: control socket %s", path);
+  return 0;
+}
+
+void
+control_stop (void)
+{
+  if (thread_running) {
+    ssize_t r = write (wake_pipe[1], "x", 1);
+    (void) r;
+    pthread_join (thread, NULL);
+    thread_running = false;
+  }
+  for (int i = 0; i < 2; ++i)
+    if (wake_pipe[i] >= 0) {
+      close (wake_pipe[i]);
+      wake_pipe[i] = -1;
+    }
+  if (listen_fd >= 0) {
+    close (listen_fd);
+    listen_fd = -1;
+    if (socket_path)
+      unlink (socket_path);
+  }
+  free (socket_path);
+  socket_path = NULL;
+}

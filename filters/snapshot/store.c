@@ -1,0 +1,465 @@
+/* nbdkit-snapshot: the store, its layers and snapshots (see store.h). */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "cleanup.h"
+#include "mapfile.h"
+#include "store.h"
+#include "util.h"
+
+struct store store = { .lock_fd = -1 };
+
+/* ---- Locking the store ---- */
+
+int
+store_lock (const char *dir)
+{
+  CLEANUP_FREE char *lockpath = NULL;
+  pthread_rwlockattr_t attr;
+
+  if (mkdir (dir, 0700) == -1 && errno != EEXIST) {
+    nbdkit_error ("snapshot-store=%s: cannot create the store directory: %m",
+                  dir);
+    return -1;
+  }
+  store.dir = realpath (dir, NULL);
+  if (store.dir == NULL) {
+    nbdkit_error ("snapshot-store=%s: %m", dir);
+    return -1;
+  }
+  if (asprintf (&lockpath, "%s/lock", store.dir) == -1) {
+    nbdkit_error ("asprintf: %m");
+    return -1;
+  }
+  store.lock_fd = open (lockpath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (store.lock_fd == -1) {
+    nbdkit_error ("snapshot-store=%s: %s: %m", dir, lockpath);
+    return -1;
+  }
+  if (flock (store.lock_fd, LOCK_EX | LOCK_NB) == -1) {
+    if (errno == EWOULDBLOCK)
+      nbdkit_error ("snapshot-store=%s: the store is locked by another "
+                    "process (is another nbdkit serving it?)", store.dir);
+    else
+      nbdkit_error ("snapshot-store=%s: flock: %m", store.dir);
+    return -1;
+  }
+
+  pthread_rwlockattr_init (&attr);
+  pthread_rwlockattr_setkind_np (&attr,
+                                 PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (&store.lock, &attr);
+  pthread_rwlockattr_destroy (&attr);
+  rangelock_init (&store.pages);
+  pthread_mutex_init (&store.control_lock, NULL);
+  return 0;
+}
+
+/* ---- Layers ---- */
+
+static char *
+layer_path (uint64_t id, const char *ext)
+{
+  char *path;
+
+  if (asprintf (&path, "%s/layer-%" PRIu64 ".%s", store.dir, id, ext) == -1)
+    return NULL;
+  return path;
+}
+
+static void
+layer_free (struct layer *l)
+{
+  if (l == NULL)
+    return;
+  if (l->data_fd >= 0)
+    close (l->data_fd);
+  if (l->map_fd >= 0)
+    close (l->map_fd);
+  sbitmap_free (&l->map);
+  pthread_mutex_destroy (&l->flush_lock);
+  free (l);
+}
+
+static struct layer *
+layer_alloc (uint64_t id)
+{
+  struct layer *l = calloc (1, sizeof *l);
+
+  if (l == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  l->id = id;
+  l->data_fd = l->map_fd = -1;
+  pthread_mutex_init (&l->flush_lock, NULL);
+  return l;
+}
+
+/* Open existing layer id.  The newest layer keeps its map writable. */
+static struct layer *
+layer_open (uint64_t id, bool newest)
+{
+  CLEANUP_FREE char *data = layer_path (id, "data");
+  CLEANUP_FREE char *map = layer_path (id, "map");
+  struct layer *l = layer_alloc (id);
+  struct stat st;
+
+  if (l == NULL || data == NULL || map == NULL)
+    goto err;
+  l->data_fd = open (data, O_RDWR | O_CLOEXEC);
+  if (l->data_fd == -1) {
+    nbdkit_error ("%s: %m (the store is incomplete)", data);
+    goto err;
+  }
+  if (fstat (l->data_fd, &st) == -1 || (uint64_t) st.st_size != store.size) {
+    nbdkit_error ("%s: size %" PRIi64 " does not match the volume size %"
+                  PRIu64 " (the store is damaged)",
+                  data, (int64_t) st.st_size, store.size);
+    goto err;
+  }
+  l->map_fd = mapfile_open (map, MAPFILE_KIND_LAYER, PAGE_SIZE_BYTES,
+                            store.npages, newest, &l->map);
+  if (l->map_fd == -1)
+    goto err;
+  if (!newest) {
+    close (l->map_fd);
+    l->map_fd = -1;
+  }
+  return l;
+
+ err:
+  layer_free (l);
+  return NULL;
+}
+
+/* Create new empty layer id: O(1) whatever the volume size. */
+static struct layer *
+layer_create (uint64_t id)
+{
+  CLEANUP_FREE char *data = layer_path (id, "data");
+  CLEANUP_FREE char *map = layer_path (id, "map");
+  struct layer *l = layer_alloc (id);
+
+  if (l == NULL || data == NULL || map == NULL)
+    goto err;
+  /* A file left by a create that crashed before the manifest named it
+   * holds nothing of value.
+   */
+  unlink (data);
+  unlink (map);
+  l->data_fd = open (data, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (l->data_fd == -1) {
+    nbdkit_error ("%s: %m", data);
+    goto err;
+  }
+  if (ftruncate (l->data_fd, store.size) == -1) {
+    nbdkit_error ("%s: ftruncate: %m", data);
+    goto err_unlink;
+  }
+  l->map_fd = mapfile_create (map, MAPFILE_KIND_LAYER, PAGE_SIZE_BYTES,
+                              store.npages);
+  if (l->map_fd == -1)
+    goto err_unlink;
+  if (sbitmap_init (&l->map, store.npages) == -1) {
+    nbdkit_error ("sbitmap_init: %m");
+    goto err_unlink;
+  }
+  if (fsync (l->data_fd) == -1 || fsync_dir (store.dir) == -1) {
+    nbdkit_error ("%s: fsync: %m", data);
+    goto err_unlink;
+  }
+  return l;
+
+ err_unlink:
+  unlink (data);
+  unlink (map);
+ err:
+  layer_free (l);
+  return NULL;
+}
+
+int
+layer_flush (struct layer *l)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&l->flush_lock);
+  struct mapfile_batch batch = { 0 };
+  unsigned data_dirty;
+  int r = -1;
+
+  /* Order matters: clear the data flag and take the map pages first,
+   * then sync the data they describe, then write the map pages.
+   */
+  data_dirty = __atomic_exchange_n (&l->data_dirty, 0, __ATOMIC_SEQ_CST);
+  if (mapfile_collect (&l->map, &batch) == -1)
+    goto out;
+  if ((data_dirty || batch.n > 0) && fdatasync (l->data_fd) == -1)
+    goto out;
+  if (l->map_fd >= 0 && mapfile_write (l->map_fd, &batch) == -1)
+    goto out;
+  r = 0;
+ out:
+  if (r == -1) {
+    int e = errno;
+    mapfile_batch_restore (&l->map, &batch);
+    __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+    errno = e;
+  }
+  mapfile_batch_free (&batch);
+  return r;
+}
+
+/* ---- Opening the store ---- */
+
+/* Each layer keeps one descriptor open; allow many snapshots. */
+static void
+raise_fd_limit (void)
+{
+  struct rlimit rl;
+
+  if (getrlimit (RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit (RLIMIT_NOFILE, &rl);
+  }
+}
+
+/* Whether the manifest was loaded (false: a new store). */
+static bool have_manifest;
+
+int
+store_load (void)
+{
+  int r = manifest_load (store.dir, &store.m);
+
+  if (r == -1)
+    return -1;
+  have_manifest = r == 1;
+  if (!have_manifest)
+    return 0;
+  if (store.m.mode != MODE_ROW) {
+    nbdkit_error ("snapshot-store=%s: the store is in cbw mode, which is "
+                  "not available in this release", store.dir);
+    return -1;
+  }
+  if (block_size_param && block_size_param != store.m.block_size) {
+    nbdkit_error ("snapshot-block-size=%" PRIu32 " does not match the "
+                  "block size of the store %s (%" PRIu32 ")",
+                  block_size_param, store.dir, store.m.block_size);
+    return -1;
+  }
+  return 0;
+}
+
+int
+store_open (uint64_t origin_size)
+{
+  raise_fd_limit ();
+  if (!have_manifest) {
+    store.m.mode = MODE_ROW;
+    store.m.block_size = block_size_param ? block_size_param : 65536;
+    store.m.size = origin_size;
+    store.m.next_id = 1;
+    if (manifest_save (store.dir, &store.m) == -1) {
+      nbdkit_error ("%s: cannot write the manifest: %m", store.dir);
+      return -1;
+    }
+    have_manifest = true;
+    nbdkit_debug ("snapshot: created store %s", store.dir);
+  }
+  if (origin_size != store.m.size) {
+    nbdkit_error ("snapshot-store=%s: the origin size %" PRIu64
+                  " does not match the origin size recorded in the store (%"
+                  PRIu64 "): is this the right origin?",
+                  store.dir, origin_size, store.m.size);
+    return -1;
+  }
+  store.size = store.m.size;
+  store.block_size = store.m.block_size;
+  store.npages = (store.size + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
+
+  store.layers = calloc (store.m.nlayers + 1, sizeof *store.layers);
+  if (store.layers == NULL) {
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
+  for (size_t i = 0; i < store.m.nlayers; ++i) {
+    bool newest = i == store.m.nlayers - 1;
+    store.layers[i] = layer_open (store.m.layers[i], newest);
+    if (store.layers[i] == NULL)
+      return -1;
+    store.nlayers++;
+  }
+  nbdkit_debug ("snapshot: store %s: %zu layers, %zu snapshots, "
+                "block size %" PRIu32,
+                store.dir, store.nlayers, store.m.nsnaps, store.block_size);
+  return 0;
+}
+
+void
+store_close (void)
+{
+  if (store.nlayers > 0 && layer_flush (store.layers[store.nlayers - 1]) == -1)
+    nbdkit_error ("snapshot: flushing the newest layer: %m");
+  for (size_t i = 0; i < store.nlayers; ++i)
+    layer_free (store.layers[i]);
+  free (store.layers);
+  store.layers = NULL;
+  store.nlayers = 0;
+  manifest_free (&store.m);
+  if (store.lock_fd >= 0)
+    close (store.lock_fd);
+  store.lock_fd = -1;
+  free (store.dir);
+  store.dir = NULL;
+}
+
+/* ---- Snapshots ---- */
+
+size_t
+store_snapshot_depth (const struct manifest_snapshot *s)
+{
+  size_t n = 0;
+
+  while (n < store.nlayers && store.layers[n]->id < s->layer)
+    n++;
+  return n;
+}
+
+ssize_t
+store_create_snapshot (const char *name, int (*flush_origin) (void),
+                       char **errmsg)
+{
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  const char *why = snap_name_invalid (name);
+  struct layer *l, **layers;
+  uint64_t id;
+
+  *errmsg = NULL;
+  if (why) {
+    asprintf (errmsg, "invalid name '%s': %s", name, why);
+    return -1;
+  }
+  if (manifest_find_snapshot (&store.m, name) >= 0) {
+    asprintf (errmsg, "checkpoint '%s' already exists", name);
+    return -1;
+  }
+
+  /* Everything acknowledged so far becomes part of the frozen view:
+   * make it durable first.
+   */
+  if (store.nlayers == 0) {
+    if (flush_origin () == -1) {
+      asprintf (errmsg, "flushing the origin failed: %s", strerror (errno));
+      return -1;
+    }
+  }
+  else if (layer_flush (store.layers[store.nlayers - 1]) == -1) {
+    asprintf (errmsg, "flushing layer %" PRIu64 ": %s",
+              store.layers[store.nlayers - 1]->id, strerror (errno));
+    return -1;
+  }
+
+  layers = realloc (store.layers, (store.nlayers + 2) * sizeof *layers);
+  if (layers == NULL) {
+    asprintf (errmsg, "realloc: %s", strerror (errno));
+    return -1;
+  }
+  store.layers = layers;
+
+  id = store.m.next_id;
+  l = layer_create (id);
+  if (l == NULL) {
+    asprintf (errmsg, "cannot create layer %" PRIu64 " in %s (see the "
+              "server log)", id, store.dir);
+    return -1;
+  }
+  store.m.next_id++;
+  if (manifest_add_layer (&store.m, id) == -1 ||
+      manifest_add_snapshot (&store.m, name, time (NULL), id) == -1 ||
+      manifest_save (store.dir, &store.m) == -1) {
+    int e = errno;
+    CLEANUP_FREE char *data = layer_path (id, "data");
+    CLEANUP_FREE char *map = layer_path (id, "map");
+
+    /* Roll the in-memory manifest back to what is on disk. */
+    if (store.m.nlayers > 0 && store.m.layers[store.m.nlayers - 1] == id)
+      store.m.nlayers--;
+    if (store.m.nsnaps > 0 &&
+        strcmp (store.m.snaps[store.m.nsnaps - 1].name, name) == 0)
+      store.m.nsnaps--;
+    store.m.next_id--;
+    layer_free (l);
+    if (data) unlink (data);
+    if (map) unlink (map);
+    asprintf (errmsg, "cannot save the manifest in %s: %s",
+              store.dir, strerror (e));
+    return -1;
+  }
+
+  /* The old newest layer is frozen: its map never changes again. */
+  if (store.nlayers > 0) {
+    struct layer *old = store.layers[store.nlayers - 1];
+    if (old->map_fd >= 0) {
+      close (old->map_fd);
+      old->map_fd = -1;
+    }
+  }
+  store.layers[store.nlayers++] = l;
+  nbdkit_debug ("snapshot: created snapshot %s, new layer %" PRIu64,
+                name, id);
+  return store.m.nsnaps - 1;
+}
+
+uint64_t
+store_changed_blocks (const struct manifest_snapshot *s)
+{
+  const uint64_t ppb = store.block_size / PAGE_SIZE_BYTES;
+  const uint64_t nblocks = (store.size + store.block_size - 1)
+    / store.block_size;
+  struct sbitmap blocks;
+  uint64_t n;
+
+  if (sbitmap_init (&blocks, nblocks) == -1)
+    return 0;
+  for (size_t i = store_snapshot_depth (s); i < store.nlayers; ++i) {
+    const struct sbitmap *map = &store.layers[i]->map;
+    uint64_t p = sbitmap_find_next_set (map, 0);
+
+    while (p < store.npages) {
+      uint64_t e = sbitmap_find_next_clear (map, p);
+      uint64_t b0 = p / ppb, b1 = (e - 1) / ppb;
+      if (sbitmap_set_range (&blocks, b0, b1 - b0 + 1) == -1)
+        break;
+      p = sbitmap_find_next_set (map, e);
+    }
+  }
+  n = sbitmap_count (&blocks);
+  sbitmap_free (&blocks);
+  return n;
+}
+
+uint64_t
+store_layer_bytes (uint64_t id)
+{
+  for (size_t i = 0; i < store.nlayers; ++i)
+    if (store.layers[i]->id == id) {
+      uint64_t bytes = sbitmap_count (&store.layers[i]->map) * PAGE_SIZE_BYTES;
+      return MIN (bytes, store.size);
+    }
+  return 0;
+}

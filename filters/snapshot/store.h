@@ -1,0 +1,186 @@
+/* nbdkit-snapshot: the store, its layers and snapshots (row mode).
+ *
+ * Notes on the design
+ * -------------------
+ *
+ * A store is a directory: "manifest" (common/store/manifest.h) names
+ * the layers and snapshots; each layer N is "layer-N.data", a sparse
+ * file as large as the volume that holds page p at offset p * 4096,
+ * and "layer-N.map", a bitmap file (common/bitmap/mapfile.h) with one
+ * bit per 4 KiB page: set = the layer holds that page.
+ *
+ * Layers allocate 4 KiB pages, not whole blocks (snapshot-block-size
+ * is the unit of change tracking and reporting), so a 4 KiB write into
+ * a fresh 64 KiB block copies nothing; only a write smaller than a page
+ * reads the rest of its page from below (read-modify-write).
+ *
+ * Row mode.  With no snapshot, the origin is the live volume and
+ * writes pass through to the plugin.  Taking snapshot S freezes the
+ * newest layer (or the origin) and starts a new empty layer, whose id
+ * S records.  Views are prefixes of the layer list:
+ *
+ *   live:   every layer, newest first, then the origin;
+ *   snap S: the layers with id < S.layer, newest first, then the origin.
+ *
+ * A page of a view comes from the newest layer of the view whose map
+ * has it set, else from the origin.  Only the newest layer is ever
+ * written, so every snapshot's view is fixed when it is taken.
+ *
+ * Ordering and durability.  A write pwrites the page data into the
+ * newest layer, then sets the page bits in memory.  A flush (and FUA)
+ * takes the dirty map pages (mapfile_collect), fdatasyncs the layer
+ * data, then writes the map pages and fdatasyncs the map: a map on
+ * disk never claims a page whose data is not durable.  Taking a
+ * snapshot first flushes the newest layer (or the origin), so the
+ * frozen view is durable before the manifest names the new layer.
+ * After kill -9 the maps hold every page flushed before; pages written
+ * and not flushed may be lost, as on a disk with a volatile cache.
+ *
+ * Locking.
+ *   store.lock (rwlock): shared by every I/O request and flush for its
+ *     whole duration, exclusive while a snapshot is created, so the
+ *     switch to a new layer waits for writes in flight and no write is
+ *     split between the old and new layer.  Writer-preferring, so a
+ *     snapshot is not starved by a stream of requests.
+ *   store.pages (rangelock.h): held over the pages a write touches, so
+ *     a read-modify-write of a partial page cannot interleave with
+ *     another write to the same page.
+ *   layer.flush_lock: serialises flushes of one layer.
+ *   The page bitmaps themselves are lock-free (sbitmap.h).
+ *   store.control_lock: serialises control requests against each other.
+ */
+#ifndef SNAPSHOT_STORE_H
+#define SNAPSHOT_STORE_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <nbdkit-filter.h>
+
+#include "manifest.h"
+#include "rangelock.h"
+#include "sbitmap.h"
+
+#define PAGE_SIZE_BYTES 4096
+#define PAGE_SHIFT 12
+
+struct layer {
+  uint64_t id;
+  int data_fd;                  /* layer-N.data, read-write */
+  int map_fd;                   /* layer-N.map; -1 once frozen */
+  struct sbitmap map;           /* page bits */
+  pthread_mutex_t flush_lock;   /* serialises layer_flush */
+  unsigned data_dirty;          /* atomic: data written since last flush */
+};
+
+struct store {
+  char *dir;                    /* absolute path */
+  int lock_fd;                  /* flock'd DIR/lock */
+  struct manifest m;            /* protected by lock (write: exclusive) */
+  uint64_t size;                /* volume size in bytes */
+  uint64_t npages;              /* ceil (size / 4096) */
+  uint32_t block_size;
+
+  pthread_rwlock_t lock;        /* see "Locking" above */
+  size_t nlayers;               /* == m.nlayers */
+  struct layer **layers;        /* parallel to m.layers, oldest first */
+
+  struct rangelock pages;
+  pthread_mutex_t control_lock;
+};
+
+/* The one store of this nbdkit process. */
+extern struct store store;
+
+/* Parameters (snapshot.c). */
+extern const char *store_param;
+extern const char *control_param;
+extern const char *create_param;
+extern uint32_t block_size_param;     /* 0 = not given */
+extern int snapshot_debug_verbose;
+
+/* Lock DIR (creating it if needed).  Called before forking so a second
+ * server fails on the command line.  Return 0 or -1 (error reported).
+ */
+extern int store_lock (const char *dir)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Load and check the manifest, if any (before forking).  Return 0 or
+ * -1 (error reported).
+ */
+extern int store_load (void);
+
+/* Open or create the store for an origin of the given size.  Return 0
+ * or -1 (error reported).
+ */
+extern int store_open (uint64_t origin_size);
+
+/* Flush and close everything (clean shutdown). */
+extern void store_close (void);
+
+/* Number of layers in snapshot S's view (the store lock must be held). */
+extern size_t store_snapshot_depth (const struct manifest_snapshot *s)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Make the writes to layer l durable (see "Ordering" above).  Return 0,
+ * or -1 with errno set.
+ */
+extern int layer_flush (struct layer *l)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Take snapshot name now.  flush_origin is called when the origin is
+ * the live volume.  Return the index of the new snapshot in
+ * store.m.snaps, or -1 with *errmsg set to a malloc'd message.
+ */
+extern ssize_t store_create_snapshot (const char *name,
+                                      int (*flush_origin) (void),
+                                      char **errmsg)
+  __attribute__ ((__nonnull__ (1, 3)));
+
+/* Changed blocks since snapshot S (the store lock must be held). */
+extern uint64_t store_changed_blocks (const struct manifest_snapshot *s)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Bytes held by layer id, or 0 (the store lock must be held). */
+extern uint64_t store_layer_bytes (uint64_t id);
+
+/* ---- view.c: I/O through a view of depth n (store.lock held shared) ---- */
+
+/* Find the source of page p in a view of depth n: the index of a layer,
+ * or -1 for the origin.  Also return in *run_end the first page at or
+ * after p (and at most limit) whose source differs.
+ */
+extern int view_source (size_t n, uint64_t p, uint64_t limit,
+                        uint64_t *run_end);
+
+extern int view_pread (nbdkit_next *next, size_t n, void *buf,
+                       uint32_t count, uint64_t offset, int *err);
+extern int view_extents (nbdkit_next *next, size_t n, uint32_t count,
+                         uint64_t offset, uint32_t flags,
+                         struct nbdkit_extents *extents, int *err);
+extern int view_cache (nbdkit_next *next, size_t n, uint32_t count,
+                       uint64_t offset, int *err);
+
+/* Writes go to the newest layer (store.nlayers >= 1). */
+extern int top_pwrite (nbdkit_next *next, const void *buf, uint32_t count,
+                       uint64_t offset, uint32_t flags, int *err);
+extern int top_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
+                     uint32_t flags, int *err);
+extern int top_trim (uint32_t count, uint64_t offset, uint32_t flags,
+                     int *err);
+
+/* ---- control.c ---- */
+extern int control_start (const char *path);
+extern void control_stop (void);
+
+/* Describe checkpoint index i as JSON members (control.c, used by the
+ * export list too).  Store lock held.
+ */
+struct jw;
+extern void describe_checkpoint (struct jw *w, size_t i);
+
+/* Background context on the origin (snapshot.c); NULL if unavailable. */
+extern int flush_origin_bg (void);
+
+#endif /* SNAPSHOT_STORE_H */

@@ -1,0 +1,417 @@
+/* nbdkit-snapshot: reading and writing through views (see store.h).
+ *
+ * Every function here is called with store.lock held shared, so the
+ * layer list cannot change underneath.  A view of depth n searches
+ * store.layers[n-1] down to store.layers[0], then the origin (next).
+ */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "cleanup.h"
+#include "store.h"
+#include "util.h"
+
+static const char zero_page[PAGE_SIZE_BYTES];
+
+/* Byte offset of page p, and its length (the last page may be short). */
+static inline uint64_t
+page_off (uint64_t p)
+{
+  return p << PAGE_SHIFT;
+}
+
+static inline uint32_t
+page_len (uint64_t p)
+{
+  return MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - page_off (p));
+}
+
+int
+view_source (size_t n, uint64_t p, uint64_t limit, uint64_t *run_end)
+{
+  int src = -1;
+  uint64_t end = limit;
+
+  for (size_t i = n; i-- > 0; )
+    if (sbitmap_test (&store.layers[i]->map, p)) {
+      src = i;
+      break;
+    }
+  /* The run ends where the source loses the page, or where any newer
+   * layer of the view gains one.
+   */
+  if (src >= 0)
+    end = MIN (end, sbitmap_find_next_clear (&store.layers[src]->map, p));
+  for (size_t j = src + 1; j < n; ++j)
+    end = MIN (end, sbitmap_find_next_set (&store.layers[j]->map, p));
+  assert (end > p);
+  *run_end = end;
+  return src;
+}
+
+/* Read [offset, offset+count) from one source. */
+static int
+source_pread (nbdkit_next *next, int src, void *buf, uint32_t count,
+              uint64_t offset, int *err)
+{
+  if (src < 0)
+    return next->pread (next, buf, count, offset, 0, err);
+  if (full_pread (store.layers[src]->data_fd, buf, count, offset) == -1) {
+    *err = errno;
+    nbdkit_error ("layer %" PRIu64 ": pread: %m", store.layers[src]->id);
+    return -1;
+  }
+  return 0;
+}
+
+int
+view_pread (nbdkit_next *next, size_t n, void *buf, uint32_t count,
+            uint64_t offset, int *err)
+{
+  char *p = buf;
+  const uint64_t end = offset + count;
+
+  while (offset < end) {
+    uint64_t pg = offset >> PAGE_SHIFT, run_end, len;
+    const uint64_t last = ((end - 1) >> PAGE_SHIFT) + 1;
+    int src = view_source (n, pg, last, &run_end);
+
+    len = MIN (end, page_off (run_end)) - offset;
+    if (source_pread (next, src, p, len, offset, err) == -1)
+      return -1;
+    p += len;
+    offset += len;
+  }
+  return 0;
+}
+
+/* Add the extents of layer src over [offset, end): holes punched in the
+ * layer's data file read as zeros.
+ */
+static int
+layer_extents (int src, uint64_t offset, uint64_t end,
+               struct nbdkit_extents *extents, int *err)
+{
+  int fd = store.layers[src]->data_fd;
+
+  while (offset < end) {
+    off_t data = lseek (fd, offset, SEEK_DATA);
+    uint64_t hole_end;
+
+    if (data == -1 && errno != ENXIO) {
+      /* No SEEK_DATA here: say everything is data. */
+      return nbdkit_add_extent (extents, offset, end - offset, 0) == -1
+        ? (*err = errno, -1) : 0;
+    }
+    hole_end = data == -1 ? end : MIN (end, (uint64_t) data);
+    if (hole_end > offset) {
+      if (nbdkit_add_extent (extents, offset, hole_end - offset,
+                             NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) == -1) {
+        *err = errno;
+        return -1;
+      }
+      offset = hole_end;
+      if (offset >= end)
+        break;
+    }
+    {
+      off_t hole = lseek (fd, offset, SEEK_HOLE);
+      uint64_t data_end = hole == -1 ? end : MIN (end, (uint64_t) hole);
+      if (data_end <= offset)
+        data_end = end;
+      if (nbdkit_add_extent (extents, offset, data_end - offset, 0) == -1) {
+        *err = errno;
+        return -1;
+      }
+      offset = data_end;
+    }
+  }
+  return 0;
+}
+
+/* Add the origin's extents over [offset, end).  Return the offset up to
+ * which extents were added (the origin may answer for less), or -1.
+ */
+static int64_t
+origin_extents (nbdkit_next *next, uint64_t offset, uint64_t end,
+                uint32_t flags, struct nbdkit_extents *extents, int *err)
+{
+  struct nbdkit_extents *sub;
+  uint64_t reached = offset;
+
+  if (!next->can_extents (next)) {
+    if (nbdkit_add_extent (extents, offset, end - offset, 0) == -1) {
+      *err = errno;
+      return -1;
+    }
+    return end;
+  }
+  sub = nbdkit_extents_new (offset, end);
+  if (sub == NULL) {
+    *err = errno;
+    return -1;
+  }
+  if (next->extents (next, end - offset, offset,
+                     flags & ~NBDKIT_FLAG_REQ_ONE, sub, err) == -1) {
+    nbdkit_extents_free (sub);
+    return -1;
+  }
+  for (size_t i = 0; i < nbdkit_extents_count (sub); ++i) {
+    struct nbdkit_extent e = nbdkit_get_extent (sub, i);
+    uint64_t s = MAX (e.offset, offset), t = MIN (e.offset + e.length, end);
+    if (t <= s)
+      continue;
+    if (nbdkit_add_extent (extents, s, t - s, e.type) == -1) {
+      *err = errno;
+      nbdkit_extents_free (sub);
+      return -1;
+    }
+    reached = t;
+  }
+  nbdkit_extents_free (sub);
+  return reached;
+}
+
+int
+view_extents (nbdkit_next *next, size_t n, uint32_t count, uint64_t offset,
+              uint32_t flags, struct nbdkit_extents *extents, int *err)
+{
+  const uint64_t end = offset + count;
+  const uint64_t last = ((end - 1) >> PAGE_SHIFT) + 1;
+
+  while (offset < end) {
+    uint64_t run_end, stop;
+    int src = view_source (n, offset >> PAGE_SHIFT, last, &run_end);
+
+    stop = MIN (end, page_off (run_end));
+    if (src >= 0) {
+      if (layer_extents (src, offset, stop, extents, err) == -1)
+        return -1;
+    }
+    else {
+      int64_t reached = origin_extents (next, offset, stop, flags,
+                                        extents, err);
+      if (reached == -1)
+        return -1;
+      if ((uint64_t) reached < stop)
+        break;                  /* A short answer is allowed. */
+    }
+    offset = stop;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
+}
+
+int
+view_cache (nbdkit_next *next, size_t n, uint32_t count, uint64_t offset,
+            int *err)
+{
+  const uint64_t end = offset + count;
+  const uint64_t last = ((end - 1) >> PAGE_SHIFT) + 1;
+  int origin_cache = next->can_cache (next);
+
+  while (offset < end) {
+    uint64_t run_end, stop;
+    int src = view_source (n, offset >> PAGE_SHIFT, last, &run_end);
+
+    stop = MIN (end, page_off (run_end));
+    if (src >= 0)
+      /* Advisory: failure to prefetch is not an error. */
+      posix_fadvise (store.layers[src]->data_fd, offset, stop - offset,
+                     POSIX_FADV_WILLNEED);
+    else if (origin_cache == NBDKIT_CACHE_NATIVE) {
+      if (next->cache (next, stop - offset, offset, 0, err) == -1)
+        return -1;
+    }
+    offset = stop;
+  }
+  return 0;
+}
+
+/* ---- Writing to the newest layer ---- */
+
+/* Write one page-bounded piece [offset, offset+count) within page pg
+ * into the newest layer.  buf NULL means zeros.  When the layer lacks
+ * the page and the piece does not cover it, fill the rest of the page
+ * from the view below first (read-modify-write).  The caller holds the
+ * page in store.pages.
+ */
+static int
+top_write_partial (nbdkit_next *next, const void *buf, uint32_t count,
+                   uint64_t offset, uint64_t pg, int *err)
+{
+  const size_t n = store.nlayers;
+  struct layer *top = store.layers[n - 1];
+  char page[PAGE_SIZE_BYTES];
+  const uint64_t poff = page_off (pg);
+  const uint32_t plen = page_len (pg);
+
+  if (sbitmap_test (&top->map, pg)) {
+    if (full_pwrite (top->data_fd, buf ? buf : zero_page, count, offset) == -1)
+      goto err;
+    __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
+    return 0;
+  }
+  if (view_pread (next, n - 1, page, plen, poff, err) == -1)
+    return -1;
+  memcpy (page + (offset - poff), buf ? buf : zero_page, count);
+  if (full_pwrite (top->data_fd, page, plen, poff) == -1)
+    goto err;
+  __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
+  if (sbitmap_set (&top->map, pg) == -1)
+    goto err;
+  return 0;
+
+ err:
+  *err = errno;
+  nbdkit_error ("layer %" PRIu64 ": write: %m", top->id);
+  return -1;
+}
+
+/* Write whole pages [pg, pg+npg) into the newest layer.  buf NULL means
+ * zeros: punch a hole, which reads as zeros, else write zeros.
+ */
+static int
+top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
+{
+  struct layer *top = store.layers[store.nlayers - 1];
+  const uint64_t off = page_off (pg);
+  const uint64_t len = MIN (page_off (pg + npg), store.size) - off;
+
+  if (buf) {
+    if (full_pwrite (top->data_fd, buf, len, off) == -1)
+      goto err;
+  }
+  else if (fallocate (top->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      off, len) == -1) {
+    if (errno != EOPNOTSUPP)
+      goto err;
+    for (uint64_t o = 0; o < len; o += PAGE_SIZE_BYTES)
+      if (full_pwrite (top->data_fd, zero_page,
+                       MIN ((uint64_t) PAGE_SIZE_BYTES, len - o),
+                       off + o) == -1)
+        goto err;
+  }
+  __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
+  if (sbitmap_set_range (&top->map, pg, npg) == -1)
+    goto err;
+  return 0;
+
+ err:
+  *err = errno;
+  nbdkit_error ("layer %" PRIu64 ": write: %m", top->id);
+  return -1;
+}
+
+/* Split [offset, offset+count) into partial head and tail pages and a
+ * run of whole pages, and write each with the page range locked.
+ */
+static int
+top_write (nbdkit_next *next, const char *buf, uint32_t count,
+           uint64_t offset, uint32_t flags, int *err)
+{
+  const uint64_t end = offset + count;
+  const uint64_t first = offset >> PAGE_SHIFT, last = (end - 1) >> PAGE_SHIFT;
+  struct range r;
+  int ret = 0;
+
+  rangelock_acquire (&store.pages, &r, first, last);
+  while (offset < end) {
+    uint64_t pg = offset >> PAGE_SHIFT;
+    uint64_t in_page = offset - page_off (pg);
+    uint64_t piece = MIN (end, page_off (pg) + page_len (pg)) - offset;
+
+    if (in_page == 0 && piece == page_len (pg)) {
+      /* Whole pages up to the last one the request covers entirely. */
+      uint64_t stop = end == store.size ? end : ROUND_DOWN (end,
+                                                            (uint64_t) PAGE_SIZE_BYTES);
+      uint64_t npg = (stop - offset + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
+      if (top_write_pages (buf, pg, npg, err) == -1) {
+        ret = -1;
+        break;
+      }
+      piece = stop - offset;
+    }
+    else if (top_write_partial (next, buf, piece, offset, pg, err) == -1) {
+      ret = -1;
+      break;
+    }
+    if (buf)
+      buf += piece;
+    offset += piece;
+  }
+  rangelock_release (&store.pages, &r);
+
+  if (ret == 0 && (flags & NBDKIT_FLAG_FUA) &&
+      layer_flush (store.layers[store.nlayers - 1]) == -1) {
+    *err = errno;
+    nbdkit_error ("flush: %m");
+    ret = -1;
+  }
+  return ret;
+}
+
+int
+top_pwrite (nbdkit_next *next, const void *buf, uint32_t count,
+            uint64_t offset, uint32_t flags, int *err)
+{
+  assert (buf != NULL);
+  return top_write (next, buf, count, offset, flags, err);
+}
+
+int
+top_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
+          uint32_t flags, int *err)
+{
+  return top_write (next, NULL, count, offset, flags, err);
+}
+
+int
+top_trim (uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct layer *top = store.layers[store.nlayers - 1];
+  const uint64_t end = offset + count;
+  uint64_t pg = (offset + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
+  const uint64_t stop = end == store.size ? store.npages : end >> PAGE_SHIFT;
+  struct range r;
+
+  /* Trim is advisory: free the space of whole pages the newest layer
+   * holds (they then read as zeros); leave everything else alone.
+   */
+  if (pg >= stop)
+    return 0;
+  rangelock_acquire (&store.pages, &r, pg, stop - 1);
+  while (pg < stop) {
+    uint64_t s = sbitmap_find_next_set (&top->map, pg), e;
+    if (s >= stop)
+      break;
+    e = MIN (stop, sbitmap_find_next_clear (&top->map, s));
+    if (fallocate (top->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                   page_off (s), MIN (page_off (e), store.size) - page_off (s))
+        == -1 && errno != EOPNOTSUPP) {
+      *err = errno;
+      nbdkit_error ("layer %" PRIu64 ": trim: %m", top->id);
+      rangelock_release (&store.pages, &r);
+      return -1;
+    }
+    __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
+    pg = e;
+  }
+  rangelock_release (&store.pages, &r);
+  if ((flags & NBDKIT_FLAG_FUA) && layer_flush (top) == -1) {
+    *err = errno;
+    nbdkit_error ("flush: %m");
+    return -1;
+  }
+  return 0;
+}

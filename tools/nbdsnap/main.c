@@ -1,0 +1,252 @@
+/* nbdsnap: option parsing and command dispatch. */
+#include <config.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+#include "nbdsnap.h"
+
+const char *control = NULL;
+bool json_output = false;
+
+/* The commands, in the order usage lists them.  A command that talks
+ * to the control socket with a request of the plain form
+ * {"cmd":NAME[,"name":NAME]} needs only a print function; others
+ * provide their own run function.
+ */
+static const struct command commands[] = {
+  { .name = "list", .operands = "",
+    .min_operands = 0, .max_operands = 0,
+    .description = "list checkpoints, oldest first",
+    .run = run_control, .print = print_list },
+  { .name = "info", .operands = "NAME",
+    .min_operands = 1, .max_operands = 1, .name_operand = true,
+    .description = "show checkpoint NAME",
+    .run = run_control, .print = print_info },
+  { .name = "create", .operands = "NAME",
+    .min_operands = 1, .max_operands = 1, .name_operand = true,
+    .description = "take snapshot NAME now",
+    .run = run_control, .print = print_create },
+};
+#define NR_COMMANDS (sizeof commands / sizeof commands[0])
+
+enum {
+  HELP_OPTION = CHAR_MAX + 1,
+  JSON_OPTION,
+  LONG_OPTIONS,
+  SHORT_OPTIONS,
+};
+
+static const char short_options[] = "c:V";
+static const struct option long_options[] = {
+  { "control",       required_argument, NULL, 'c' },
+  { "help",          no_argument,       NULL, HELP_OPTION },
+  { "json",          no_argument,       NULL, JSON_OPTION },
+  { "long-options",  no_argument,       NULL, LONG_OPTIONS },
+  { "short-options", no_argument,       NULL, SHORT_OPTIONS },
+  { "version",       no_argument,       NULL, 'V' },
+  { NULL }
+};
+
+void
+snap_verror (const char *fs, va_list args)
+{
+  int saved = errno;            /* for %m in fs */
+
+  fputs ("nbdsnap: ", stderr);
+  errno = saved;
+  vfprintf (stderr, fs, args);
+  fputc ('\n', stderr);
+}
+
+void
+snap_error (const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  snap_verror (fs, args);
+  va_end (args);
+}
+
+static void usage (FILE *fp, int exit_code) __attribute__ ((noreturn));
+
+static void
+usage (FILE *fp, int exit_code)
+{
+  fprintf (fp,
+"nbdsnap: control a running nbdkit-snapshot-filter\n"
+"\n"
+"Usage:\n"
+"  nbdsnap [-c SOCKET|STORE-DIR] [--json] COMMAND [OPERANDS]\n"
+"\n"
+"Commands:\n");
+  for (size_t i = 0; i < NR_COMMANDS; ++i) {
+    char buf[64];
+
+    snprintf (buf, sizeof buf, "%s%s%s", commands[i].name,
+              commands[i].operands[0] ? " " : "", commands[i].operands);
+    fprintf (fp, "  %-18s%s\n", buf, commands[i].description);
+  }
+  fprintf (fp,
+"\n"
+"Options:\n"
+"  -c, --control SOCKET|STORE-DIR\n"
+"                    the control socket, or the store directory that\n"
+"                    holds control.sock (default: $NBDSNAP_CONTROL)\n"
+"  --json            print results as one line of JSON\n"
+"  --help            print this help and exit\n"
+"  -V, --version     print the version and exit\n"
+"\n"
+"Examples:\n"
+"  nbdsnap -c disk.snap create nightly\n"
+"  nbdsnap -c disk.snap/control.sock --json list\n"
+"\n"
+"Please read the nbdsnap(1) manual page for full usage.\n");
+  exit (exit_code);
+}
+
+/* Misuse of one command: say what is wrong and show its synopsis. */
+static void command_usage (const struct command *cmd, const char *fs, ...)
+  __attribute__ ((noreturn, format (printf, 2, 3)));
+
+static void
+command_usage (const struct command *cmd, const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  snap_verror (fs, args);
+  va_end (args);
+  fprintf (stderr, "Usage: nbdsnap [-c SOCKET|STORE-DIR] [--json] %s%s%s\n",
+           cmd->name, cmd->operands[0] ? " " : "", cmd->operands);
+  exit (EXIT_FAILURE);
+}
+
+static const struct command *
+find_command (const char *name)
+{
+  for (size_t i = 0; i < NR_COMMANDS; ++i)
+    if (strcmp (commands[i].name, name) == 0)
+      return &commands[i];
+  return NULL;
+}
+
+/* Run cmd with its results spooled in memory, then copy them to
+ * stdout only if it succeeded.
+ */
+static int
+run_spooled (const struct command *cmd, char **operands)
+{
+  char *buf = NULL;
+  size_t size = 0;
+  FILE *out;
+  int r;
+
+  out = open_memstream (&buf, &size);
+  if (out == NULL) {
+    snap_error ("open_memstream: %m");
+    return -1;
+  }
+  r = cmd->run (cmd, operands, out);
+  if (fclose (out) == EOF) {
+    snap_error ("%s: spooling output: %m", cmd->name);
+    r = -1;
+  }
+  if (r == 0 && size > 0 &&
+      fwrite (buf, 1, size, stdout) != size) {
+    snap_error ("stdout: %m");
+    r = -1;
+  }
+  free (buf);
+  return r;
+}
+
+int
+main (int argc, char *argv[])
+{
+  const struct command *cmd;
+  char **operands;
+  int c, nr_operands;
+
+  /* getopt prefixes its messages with argv[0]: make them
+   * "nbdsnap: ..." like every other message, whatever the path.
+   */
+  if (argc > 0)
+    argv[0] = (char *) "nbdsnap";
+
+  /* Options may come before or after the command (getopt_long
+   * permutes); "--" ends them.
+   */
+  while ((c = getopt_long (argc, argv, short_options, long_options,
+                           NULL)) != -1) {
+    switch (c) {
+    case 'c':
+      control = optarg;
+      break;
+    case JSON_OPTION:
+      json_output = true;
+      break;
+    case HELP_OPTION:
+      usage (stdout, EXIT_SUCCESS);
+    case 'V':
+      printf ("nbdsnap %s\n", PACKAGE_VERSION);
+      fflush (stdout);
+      exit (EXIT_SUCCESS);
+    case LONG_OPTIONS:
+      for (size_t i = 0; long_options[i].name != NULL; ++i)
+        if (strcmp (long_options[i].name, "long-options") != 0 &&
+            strcmp (long_options[i].name, "short-options") != 0)
+          printf ("--%s\n", long_options[i].name);
+      exit (EXIT_SUCCESS);
+    case SHORT_OPTIONS:
+      for (size_t i = 0; short_options[i]; ++i)
+        if (short_options[i] != ':')
+          printf ("-%c\n", short_options[i]);
+      exit (EXIT_SUCCESS);
+    default:                    /* getopt has printed the reason */
+      usage (stderr, EXIT_FAILURE);
+    }
+  }
+
+  if (optind >= argc) {
+    snap_error ("no command given");
+    usage (stderr, EXIT_FAILURE);
+  }
+  cmd = find_command (argv[optind]);
+  if (cmd == NULL) {
+    snap_error ("unknown command '%s'", argv[optind]);
+    usage (stderr, EXIT_FAILURE);
+  }
+  operands = &argv[optind + 1];
+  nr_operands = argc - optind - 1;
+  if (nr_operands < cmd->min_operands)
+    command_usage (cmd, "%s: missing %s", cmd->name, cmd->operands);
+  if (nr_operands > cmd->max_operands)
+    command_usage (cmd, "%s: unexpected operand '%s'",
+                   cmd->name, operands[cmd->max_operands]);
+
+  /* Refuse a bad name here, without contacting the server. */
+  if (cmd->name_operand) {
+    const char *why = snap_name_invalid (operands[0]);
+
+    if (why) {
+      snap_error ("%s: invalid name '%s': %s", cmd->name, operands[0], why);
+      exit (EXIT_FAILURE);
+    }
+  }
+
+  if (run_spooled (cmd, operands) == -1)
+    exit (EXIT_FAILURE);
+  if (fclose (stdout) == EOF) {
+    snap_error ("stdout: %m");
+    exit (EXIT_FAILURE);
+  }
+  exit (EXIT_SUCCESS);
+}

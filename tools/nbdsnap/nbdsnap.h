@@ -1,0 +1,71 @@
+/* nbdsnap: the command-line client of nbdkit-snapshot-filter.
+ *
+ * main.c parses options and dispatches through the command table;
+ * control.c talks to the filter's control socket; output.c prints
+ * replies for humans or as JSON.  Results are written to the FILE *
+ * passed in, a memory stream that main.c copies to stdout only when
+ * the command succeeded, so a failure leaves stdout empty.  Errors go
+ * to stderr as "nbdsnap: WHAT: WHY" and commands return -1.
+ */
+#ifndef NBDSNAP_H
+#define NBDSNAP_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "json.h"
+
+/* Options (set by main.c, read-only afterwards). */
+extern const char *control;     /* -c: socket or store dir; NULL: env */
+extern bool json_output;        /* --json: print replies as JSON */
+
+/* One command: "nbdsnap [OPTIONS] NAME OPERANDS...". */
+struct command {
+  const char *name;             /* as typed; also the request's "cmd" */
+  const char *operands;         /* synopsis of operands, for usage */
+  int min_operands, max_operands; /* how many operands are accepted */
+  bool name_operand;            /* operand 0 is a checkpoint NAME */
+  const char *description;      /* one line, for usage */
+  /* Run the command, printing results on out.  Return 0 or -1. */
+  int (*run) (const struct command *cmd, char **operands, FILE *out);
+  /* For control-socket commands using run_control: print a successful
+   * reply for humans.  Return 0 or -1.
+   */
+  int (*print) (const struct command *cmd, const struct json *reply,
+                FILE *out);
+};
+
+/* control.c */
+/* The run function of plain control commands: send
+ * {"cmd":NAME[,"name":OPERAND0]} and print the reply with cmd->print,
+ * or as JSON with --json.
+ */
+extern int run_control (const struct command *cmd, char **operands,
+                        FILE *out);
+/* The socket path chosen by -c or $NBDSNAP_CONTROL (a store directory
+ * means DIR/control.sock), malloc'd; NULL after printing an error.
+ */
+extern char *control_socket_path (void);
+/* Send the request built in *req (which is consumed) to the control
+ * socket and return the parsed reply, whose "ok" is true.  Any failure,
+ * including an error reply, is printed as "nbdsnap: WHAT: WHY" (WHAT
+ * is cmd->name for errors from the server) and gives NULL.
+ */
+extern struct json *control_request (const struct command *cmd,
+                                     struct jw *req);
+/* Report a reply that lacks what the command needs. */
+extern void bad_reply (const struct command *cmd, const char *what);
+
+/* output.c */
+/* Print reply minus its "ok" member as one line of JSON. */
+extern int print_json_reply (const struct command *cmd,
+                             const struct json *reply, FILE *out);
+/* Human output of list, info and create replies. */
+extern int print_list (const struct command *cmd, const struct json *reply,
+                       FILE *out);
+extern int print_info (const struct command *cmd, const struct json *reply,
+                       FILE *out);
+extern int print_create (const struct command *cmd,
+                         const struct json *reply, FILE *out);
+
+#endif /* NBDSNAP_H */
