@@ -33,9 +33,16 @@ manifest_format (const struct manifest *m, size_t *len)
   fprintf (fp, "next-id %" PRIu64 "\n", m->next_id);
   for (size_t i = 0; i < m->nlayers; ++i)
     fprintf (fp, "layer %" PRIu64 "\n", m->layers[i]);
-  for (size_t i = 0; i < m->nsnaps; ++i)
-    fprintf (fp, "snapshot %s created=%" PRIi64 " layer=%" PRIu64 "\n",
-             m->snaps[i].name, m->snaps[i].created, m->snaps[i].layer);
+  for (size_t i = 0; i < m->nckpts; ++i) {
+    const struct manifest_checkpoint *c = &m->ckpts[i];
+    if (c->kind == CKPT_SNAPSHOT)
+      fprintf (fp, "checkpoint %s kind=snapshot created=%" PRIi64
+               " layer=%" PRIu64 " map=%" PRIu64 "\n",
+               c->name, c->created, c->layer, c->map);
+    else
+      fprintf (fp, "checkpoint %s kind=bitmap created=%" PRIi64
+               " map=%" PRIu64 "\n", c->name, c->created, c->map);
+  }
   if (fflush (fp) == EOF) {
     fclose (fp);
     free (buf);
@@ -142,15 +149,23 @@ manifest_parse (const char *where, const char *text, size_t len,
       continue;
     }
 
-    if (strcmp (key, "snapshot") == 0) {
+    if (strcmp (key, "checkpoint") == 0) {
+      struct manifest_checkpoint c = { .layer = 0 };
       char name[SNAP_NAME_MAX + 2];
-      int64_t created;
-      uint64_t layer;
       int end = -1;
-      if (sscanf (line, "snapshot %65s created=%" SCNi64 " layer=%" SCNu64 "%n",
-                  name, &created, &layer, &end) != 3 ||
-          end < 0 || line[end] != '\0') {
-        snap_error ("%s: line %d: bad snapshot line", where, lineno);
+      if (sscanf (line, "checkpoint %65s kind=snapshot created=%" SCNi64
+                  " layer=%" SCNu64 " map=%" SCNu64 "%n",
+                  name, &c.created, &c.layer, &c.map, &end) == 4 &&
+          end >= 0 && line[end] == '\0' && c.layer > 0)
+        c.kind = CKPT_SNAPSHOT;
+      else if ((end = -1,
+                sscanf (line, "checkpoint %65s kind=bitmap created=%" SCNi64
+                        " map=%" SCNu64 "%n",
+                        name, &c.created, &c.map, &end) == 3) &&
+               end >= 0 && line[end] == '\0')
+        c.kind = CKPT_BITMAP;
+      else {
+        snap_error ("%s: line %d: bad checkpoint line", where, lineno);
         goto err;
       }
       if (snap_name_invalid (name)) {
@@ -158,12 +173,13 @@ manifest_parse (const char *where, const char *text, size_t len,
                     where, lineno, name, snap_name_invalid (name));
         goto err;
       }
-      if (manifest_find_snapshot (m, name) >= 0) {
-        snap_error ("%s: line %d: snapshot '%s' appears twice",
+      if (manifest_find_checkpoint (m, name) >= 0) {
+        snap_error ("%s: line %d: checkpoint '%s' appears twice",
                     where, lineno, name);
         goto err;
       }
-      if (manifest_add_snapshot (m, name, created, layer) == -1) {
+      strcpy (c.name, name);
+      if (manifest_add_checkpoint (m, &c) == -1) {
         snap_error ("%s: %m", where);
         goto err;
       }
@@ -236,14 +252,22 @@ manifest_parse (const char *where, const char *text, size_t len,
                 where, m->next_id);
     goto err;
   }
-  for (size_t i = 0; i < m->nsnaps; ++i) {
-    if (m->snaps[i].layer >= m->next_id ||
-        (i > 0 && m->snaps[i].layer < m->snaps[i - 1].layer)) {
-      snap_error ("%s: snapshot '%s' names layer %" PRIu64
-                  " out of order", where, m->snaps[i].name,
-                  m->snaps[i].layer);
+  uint64_t last_layer = 0;
+  for (size_t i = 0; i < m->nckpts; ++i) {
+    const struct manifest_checkpoint *c = &m->ckpts[i];
+    if (c->map == 0 || c->map >= m->next_id) {
+      snap_error ("%s: checkpoint '%s' names map %" PRIu64
+                  " outside 1..next-id", where, c->name, c->map);
       goto err;
     }
+    if (c->kind != CKPT_SNAPSHOT)
+      continue;
+    if (c->layer >= m->next_id || c->layer < last_layer) {
+      snap_error ("%s: snapshot '%s' names layer %" PRIu64
+                  " out of order", where, c->name, c->layer);
+      goto err;
+    }
+    last_layer = c->layer;
   }
   return 0;
 
@@ -308,17 +332,17 @@ void
 manifest_free (struct manifest *m)
 {
   free (m->layers);
-  free (m->snaps);
+  free (m->ckpts);
   m->layers = NULL;
-  m->snaps = NULL;
-  m->nlayers = m->nsnaps = 0;
+  m->ckpts = NULL;
+  m->nlayers = m->nckpts = 0;
 }
 
 ssize_t
-manifest_find_snapshot (const struct manifest *m, const char *name)
+manifest_find_checkpoint (const struct manifest *m, const char *name)
 {
-  for (size_t i = 0; i < m->nsnaps; ++i)
-    if (strcmp (m->snaps[i].name, name) == 0)
+  for (size_t i = 0; i < m->nckpts; ++i)
+    if (strcmp (m->ckpts[i].name, name) == 0)
       return i;
   return -1;
 }
@@ -336,23 +360,23 @@ manifest_add_layer (struct manifest *m, uint64_t id)
 }
 
 int
-manifest_add_snapshot (struct manifest *m, const char *name,
-                       int64_t created, uint64_t layer)
+manifest_add_checkpoint (struct manifest *m,
+                         const struct manifest_checkpoint *c)
 {
-  struct manifest_snapshot *p;
+  struct manifest_checkpoint *p;
 
-  if (strlen (name) > SNAP_NAME_MAX) {
-    errno = ENAMETOOLONG;
-    return -1;
-  }
-  p = realloc (m->snaps, (m->nsnaps + 1) * sizeof *p);
+  p = realloc (m->ckpts, (m->nckpts + 1) * sizeof *p);
   if (p == NULL)
     return -1;
-  m->snaps = p;
-  p = &m->snaps[m->nsnaps++];
-  memset (p, 0, sizeof *p);
-  strcpy (p->name, name);
-  p->created = created;
-  p->layer = layer;
+  m->ckpts = p;
+  m->ckpts[m->nckpts++] = *c;
   return 0;
+}
+
+void
+manifest_remove_checkpoint (struct manifest *m, size_t i)
+{
+  memmove (&m->ckpts[i], &m->ckpts[i + 1],
+           (m->nckpts - i - 1) * sizeof m->ckpts[0]);
+  m->nckpts--;
 }

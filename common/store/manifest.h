@@ -13,15 +13,21 @@
  *   size 1073741824
  *   next-id 4
  *   layer 1
- *   layer 3
- *   snapshot nightly created=1764383400 layer=1
- *   snapshot hourly created=1764387000 layer=3
+ *   layer 4
+ *   checkpoint nightly kind=snapshot created=1764383400 layer=1 map=2
+ *   checkpoint backup kind=bitmap created=1764385000 map=3
+ *   checkpoint hourly kind=snapshot created=1764387000 layer=4 map=5
  *   crc 0x8c2a61f0
  *
- * Layers are listed oldest first.  A snapshot's "layer" is the id of
- * the layer that was started when it was taken: in row mode its view
- * is every layer with a smaller id, then the origin.  The crc line is
- * the CRC-32 (util.h) of every byte before it.
+ * Layers and checkpoints are listed oldest first.  A snapshot's
+ * "layer" is the id of the layer that was started when it was taken:
+ * in row mode its view is every layer with a smaller id, then the
+ * origin.  Every checkpoint has a dirty map, "dirty-M.map", with one
+ * bit per block set for each block written from the time it was taken
+ * until the next checkpoint was taken; the blocks changed since
+ * checkpoint C are the union of the maps of C and every newer one.
+ * Ids of layers and maps come from one counter, next-id.  The crc line
+ * is the CRC-32 (util.h) of every byte before it.
  *
  * Thread safety: none; the filter serialises manifest changes.
  */
@@ -38,10 +44,15 @@
 
 enum snap_mode { MODE_ROW = 0, MODE_CBW = 1 };
 
-struct manifest_snapshot {
+enum ckpt_kind { CKPT_SNAPSHOT = 0, CKPT_BITMAP = 1 };
+
+struct manifest_checkpoint {
   char name[SNAP_NAME_MAX + 1];
+  enum ckpt_kind kind;
   int64_t created;              /* Unix time it was taken. */
-  uint64_t layer;               /* Id of the layer started when taken. */
+  uint64_t layer;               /* Snapshots: id of the layer started
+                                   when taken.  Bitmaps: 0. */
+  uint64_t map;                 /* Id of its dirty map. */
 };
 
 struct manifest {
@@ -52,8 +63,8 @@ struct manifest {
   uint64_t next_id;             /* Next layer id to hand out (>= 1). */
   size_t nlayers;
   uint64_t *layers;             /* Layer ids, oldest first, increasing. */
-  size_t nsnaps;
-  struct manifest_snapshot *snaps; /* Oldest first. */
+  size_t nckpts;
+  struct manifest_checkpoint *ckpts; /* Oldest first. */
 };
 
 /* Render m as text (malloc'd, *len set).  NULL with errno on ENOMEM. */
@@ -84,15 +95,19 @@ extern void manifest_free (struct manifest *m)
   __attribute__ ((__nonnull__ (1)));
 
 /* Lookups.  Return the index, or -1. */
-extern ssize_t manifest_find_snapshot (const struct manifest *m,
+extern ssize_t manifest_find_checkpoint (const struct manifest *m,
                                        const char *name)
   __attribute__ ((__nonnull__ (1, 2)));
 
-/* Append a layer id / a snapshot.  Return 0, or -1 with errno. */
+/* Append a layer id / a checkpoint.  Return 0, or -1 with errno. */
 extern int manifest_add_layer (struct manifest *m, uint64_t id)
   __attribute__ ((__nonnull__ (1)));
-extern int manifest_add_snapshot (struct manifest *m, const char *name,
-                                  int64_t created, uint64_t layer)
+extern int manifest_add_checkpoint (struct manifest *m,
+                                    const struct manifest_checkpoint *c)
   __attribute__ ((__nonnull__ (1, 2)));
+
+/* Remove checkpoint i (later ones move down). */
+extern void manifest_remove_checkpoint (struct manifest *m, size_t i)
+  __attribute__ ((__nonnull__ (1)));
 
 #endif /* SNAP_MANIFEST_H */

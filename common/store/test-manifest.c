@@ -65,24 +65,39 @@ main (void)
   m.mode = MODE_ROW;
   m.block_size = 65536;
   m.size = 1ULL << 40;
-  m.next_id = 4;
+  m.next_id = 6;
   assert (manifest_add_layer (&m, 1) == 0);
-  assert (manifest_add_layer (&m, 3) == 0);
-  assert (manifest_add_snapshot (&m, "nightly", 1764383400, 1) == 0);
-  assert (manifest_add_snapshot (&m, "a.b-c_9", 1764387000, 3) == 0);
+  assert (manifest_add_layer (&m, 4) == 0);
+  {
+    struct manifest_checkpoint c1 = { .name = "nightly",
+      .kind = CKPT_SNAPSHOT, .created = 1764383400, .layer = 1, .map = 2 };
+    struct manifest_checkpoint c2 = { .name = "bk",
+      .kind = CKPT_BITMAP, .created = 1764385000, .map = 3 };
+    struct manifest_checkpoint c3 = { .name = "a.b-c_9",
+      .kind = CKPT_SNAPSHOT, .created = 1764387000, .layer = 4, .map = 5 };
+    assert (manifest_add_checkpoint (&m, &c1) == 0);
+    assert (manifest_add_checkpoint (&m, &c2) == 0);
+    assert (manifest_add_checkpoint (&m, &c3) == 0);
+  }
 
   /* Round trip through text. */
   text = manifest_format (&m, &len);
   assert (text);
   assert (manifest_parse ("t", text, len, &m2) == 0);
   assert (m2.mode == MODE_ROW && m2.block_size == 65536);
-  assert (m2.size == 1ULL << 40 && m2.next_id == 4);
-  assert (m2.nlayers == 2 && m2.layers[0] == 1 && m2.layers[1] == 3);
-  assert (m2.nsnaps == 2);
-  assert (strcmp (m2.snaps[1].name, "a.b-c_9") == 0);
-  assert (m2.snaps[1].created == 1764387000 && m2.snaps[1].layer == 3);
-  assert (manifest_find_snapshot (&m2, "nightly") == 0);
-  assert (manifest_find_snapshot (&m2, "nope") == -1);
+  assert (m2.size == 1ULL << 40 && m2.next_id == 6);
+  assert (m2.nlayers == 2 && m2.layers[0] == 1 && m2.layers[1] == 4);
+  assert (m2.nckpts == 3);
+  assert (m2.ckpts[1].kind == CKPT_BITMAP && m2.ckpts[1].map == 3);
+  assert (m2.ckpts[1].layer == 0);
+  assert (strcmp (m2.ckpts[2].name, "a.b-c_9") == 0);
+  assert (m2.ckpts[2].kind == CKPT_SNAPSHOT);
+  assert (m2.ckpts[2].created == 1764387000 && m2.ckpts[2].layer == 4);
+  assert (m2.ckpts[2].map == 5);
+  assert (manifest_find_checkpoint (&m2, "nightly") == 0);
+  assert (manifest_find_checkpoint (&m2, "nope") == -1);
+  manifest_remove_checkpoint (&m2, 1);
+  assert (m2.nckpts == 2 && strcmp (m2.ckpts[1].name, "a.b-c_9") == 0);
   manifest_free (&m2);
 
   /* Every single-byte corruption is refused. */
@@ -114,8 +129,8 @@ main (void)
   expect_error (s, "required key is missing");
   free (s);
   s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
-                "block-size 4096\nsize 1\nnext-id 3\nsnapshot ../x "
-                "created=1 layer=1\n");
+                "block-size 4096\nsize 1\nnext-id 3\ncheckpoint ../x "
+                "kind=bitmap created=1 map=1\n");
   expect_error (s, "invalid name '../x'");
   free (s);
   s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
@@ -127,6 +142,16 @@ main (void)
   expect_error (s, "next-id 2 is not above");
   free (s);
   expect_error ("nbdkit-snapshot-store 1\ncrc 0x00000000\n", "damaged");
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\ncheckpoint x "
+                "kind=snapshot created=1 layer=1 map=7\n");
+  expect_error (s, "names map 7");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\ncheckpoint x "
+                "kind=weird created=1 map=1\n");
+  expect_error (s, "bad checkpoint line");
+  free (s);
 
   /* Save and load, generation increments. */
   assert (mkdtemp (dir) != NULL);
@@ -135,7 +160,7 @@ main (void)
   assert (m.generation == 1);
   assert (manifest_save (dir, &m) == 0);
   assert (manifest_load (dir, &m2) == 1);
-  assert (m2.generation == 2 && m2.nsnaps == 2);
+  assert (m2.generation == 2 && m2.nckpts == 3);
   manifest_free (&m2);
   {
     char path[256];

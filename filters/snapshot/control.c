@@ -54,31 +54,36 @@ static struct client *clients[CONTROL_MAX_CLIENTS];
 void
 describe_checkpoint (struct jw *w, size_t i)
 {
-  const struct manifest_snapshot *s = &store.m.snaps[i];
-  uint64_t changed = store_changed_blocks (s);
+  const struct manifest_checkpoint *c = &store.m.ckpts[i];
+  const bool snap = c->kind == CKPT_SNAPSHOT;
+  uint64_t changed = ckpt_count_changed (i, store.m.nckpts);
   char when[64];
-  CLEANUP_FREE char *export = NULL;
+  CLEANUP_FREE char *export = NULL, *dirty = NULL;
 
+  if (snap && asprintf (&export, "snap/%s", c->name) == -1)
+    export = NULL;
+  if (asprintf (&dirty, "dirty/%s", c->name) == -1)
+    dirty = NULL;
   jw_key (w, "name");
-  jw_string (w, s->name);
+  jw_string (w, c->name);
   jw_key (w, "kind");
-  jw_string (w, "snapshot");
+  jw_string (w, snap ? "snapshot" : "bitmap");
   jw_key (w, "mode");
   jw_string (w, "row");
   jw_key (w, "created");
-  jw_int (w, s->created);
+  jw_int (w, c->created);
   jw_key (w, "created_iso");
-  jw_string (w, iso_time (when, sizeof when, s->created));
+  jw_string (w, iso_time (when, sizeof when, c->created));
   jw_key (w, "export");
-  if (asprintf (&export, "snap/%s", s->name) == -1)
-    export = NULL;
-  jw_string (w, export);
+  jw_string (w, export);        /* null for bitmap-only checkpoints */
+  jw_key (w, "dirty_export");
+  jw_string (w, dirty);
   jw_key (w, "changed_blocks");
   jw_uint (w, changed);
   jw_key (w, "changed_bytes");
   jw_uint (w, MIN (changed * store.block_size, store.size));
   jw_key (w, "layer_bytes");
-  jw_uint (w, store_layer_bytes (s->layer));
+  jw_uint (w, snap ? store_layer_bytes (c->layer) : 0);
 }
 
 static char *
@@ -144,7 +149,7 @@ cmd_list (const struct json *req)
   jw_uint (&w, store.size);
   jw_key (&w, "checkpoints");
   jw_begin_array (&w);
-  for (size_t i = 0; i < store.m.nsnaps; ++i) {
+  for (size_t i = 0; i < store.m.nckpts; ++i) {
     jw_begin_object (&w);
     describe_checkpoint (&w, i);
     jw_end_object (&w);
@@ -183,7 +188,7 @@ cmd_info (const struct json *req)
 
   if (name == NULL)
     return reply;
-  i = manifest_find_snapshot (&store.m, name);
+  i = manifest_find_checkpoint (&store.m, name);
   if (i == -1)
     return error_reply ("no checkpoint named '%s'", name);
   return checkpoint_reply (i);
@@ -195,17 +200,44 @@ cmd_create (const struct json *req)
   char *reply = NULL;
   const char *name = get_name (req, &reply);
   CLEANUP_FREE char *errmsg = NULL;
+  bool bitmap_only = false;
+  const struct json *v = json_get (req, "bitmap_only");
   ssize_t i;
 
   if (name == NULL)
     return reply;
-  i = store_create_snapshot (name, flush_origin_bg, &errmsg);
+  if (v && !json_get_bool (req, "bitmap_only", &bitmap_only))
+    return error_reply ("invalid request: \"bitmap_only\" must be true "
+                        "or false");
+  i = store_create_checkpoint (name, bitmap_only, flush_origin_bg, &errmsg);
   if (i == -1)
     return error_reply ("%s", errmsg ? errmsg : "out of memory");
   {
     ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
     return checkpoint_reply (i);
   }
+}
+
+static char *
+cmd_delete (const struct json *req)
+{
+  char *reply = NULL;
+  const char *name = get_name (req, &reply);
+  CLEANUP_FREE char *errmsg = NULL;
+  struct jw w;
+
+  if (name == NULL)
+    return reply;
+  if (store_delete_checkpoint (name, &errmsg) == -1)
+    return error_reply ("%s", errmsg ? errmsg : "out of memory");
+  jw_init (&w);
+  jw_begin_object (&w);
+  jw_key (&w, "ok");
+  jw_bool (&w, true);
+  jw_key (&w, "deleted");
+  jw_string (&w, name);
+  jw_end_object (&w);
+  return jw_finish (&w);
 }
 
 static const struct {
@@ -215,6 +247,7 @@ static const struct {
   { "list", cmd_list },
   { "info", cmd_info },
   { "create", cmd_create },
+  { "delete", cmd_delete },
 };
 
 /* Handle one request line; return the reply (malloc'd) or NULL. */

@@ -185,7 +185,8 @@ snapshot_after_fork (nbdkit_backend *backend)
   if (store_open (size) == -1)
     return -1;
   if (create_param) {
-    if (store_create_snapshot (create_param, flush_origin_bg, &errmsg) == -1) {
+    if (store_create_checkpoint (create_param, false, flush_origin_bg,
+                                 &errmsg) == -1) {
       nbdkit_error ("snapshot-create=%s: %s", create_param,
                     errmsg ? errmsg : "out of memory");
       free (errmsg);
@@ -210,37 +211,69 @@ snapshot_cleanup (nbdkit_backend *backend)
 /* ---- Exports ---- */
 
 /* A connection's handle: which view it reads. */
+enum export_kind { EXPORT_LIVE, EXPORT_SNAP, EXPORT_DIRTY };
+
 struct handle {
-  bool live;
-  char name[SNAP_NAME_MAX + 1]; /* snapshot name when !live */
+  enum export_kind kind;
+  char name[SNAP_NAME_MAX + 1]; /* SNAP: the snapshot; DIRTY: FROM */
+  char to[SNAP_NAME_MAX + 1];   /* DIRTY: snapshot TO, or "" for live */
+  struct ckpt_map *refs[2];     /* maps this connection keeps alive */
 };
 
 #define SNAP_PREFIX "snap/"
+#define DIRTY_PREFIX "dirty/"
 
 static char *
 live_description (void)
 {
+  size_t nsnaps = 0;
   char *s;
 
-  if (asprintf (&s, "live volume (row, %zu snapshot%s)", store.m.nsnaps,
-                store.m.nsnaps == 1 ? "" : "s") == -1)
+  for (size_t i = 0; i < store.m.nckpts; ++i)
+    nsnaps += store.m.ckpts[i].kind == CKPT_SNAPSHOT;
+  if (asprintf (&s, "live volume (row, %zu snapshot%s, %zu bitmap-only "
+                "checkpoint%s)", nsnaps, nsnaps == 1 ? "" : "s",
+                store.m.nckpts - nsnaps,
+                store.m.nckpts - nsnaps == 1 ? "" : "s") == -1)
     return NULL;
   return s;
 }
 
+/* "row snapshot taken T, N blocks (SIZE) changed since", or for a
+ * dirty/ export "changes since row snapshot taken T: N blocks (SIZE)".
+ */
 static char *
-snapshot_description (const struct manifest_snapshot *snap)
+checkpoint_description (size_t i, bool dirty)
 {
+  const struct manifest_checkpoint *c = &store.m.ckpts[i];
+  const char *kind = c->kind == CKPT_SNAPSHOT ? "row snapshot"
+    : "bitmap-only checkpoint";
+  uint64_t changed = ckpt_count_changed (i, store.m.nckpts);
   char when[64], size[32], *s;
-  uint64_t changed = store_changed_blocks (snap);
+  int r;
 
-  iso_time (when, sizeof when, snap->created);
-  human_size (size, sizeof size, changed * store.block_size);
-  if (asprintf (&s, "row snapshot taken %s, %" PRIu64 " block%s (%s) "
-                "changed since", when, changed, changed == 1 ? "" : "s",
-                size) == -1)
-    return NULL;
-  return s;
+  iso_time (when, sizeof when, c->created);
+  human_size (size, sizeof size, MIN (changed * store.block_size,
+                                      store.size));
+  if (dirty)
+    r = asprintf (&s, "changes since %s taken %s: %" PRIu64 " block%s (%s)",
+                  kind, when, changed, changed == 1 ? "" : "s", size);
+  else
+    r = asprintf (&s, "%s taken %s, %" PRIu64 " block%s (%s) changed since",
+                  kind, when, changed, changed == 1 ? "" : "s", size);
+  return r == -1 ? NULL : s;
+}
+
+static int
+add_export (struct nbdkit_exports *exports, const char *prefix, size_t i,
+            bool dirty)
+{
+  CLEANUP_FREE char *name = NULL;
+  CLEANUP_FREE char *desc = checkpoint_description (i, dirty);
+
+  if (asprintf (&name, "%s%s", prefix, store.m.ckpts[i].name) == -1)
+    return -1;
+  return nbdkit_add_export (exports, name, desc);
 }
 
 static int
@@ -253,13 +286,13 @@ snapshot_list_exports (nbdkit_next_list_exports *next,
 
   if (nbdkit_add_export (exports, "", live) == -1)
     return -1;
-  for (size_t i = 0; i < store.m.nsnaps; ++i) {
-    CLEANUP_FREE char *name = NULL;
-    CLEANUP_FREE char *desc = snapshot_description (&store.m.snaps[i]);
-    if (asprintf (&name, SNAP_PREFIX "%s", store.m.snaps[i].name) == -1 ||
-        nbdkit_add_export (exports, name, desc) == -1)
+  for (size_t i = 0; i < store.m.nckpts; ++i)
+    if (store.m.ckpts[i].kind == CKPT_SNAPSHOT &&
+        add_export (exports, SNAP_PREFIX, i, false) == -1)
       return -1;
-  }
+  for (size_t i = 0; i < store.m.nckpts; ++i)
+    if (add_export (exports, DIRTY_PREFIX, i, true) == -1)
+      return -1;
   return 0;
 }
 
@@ -270,65 +303,181 @@ snapshot_default_export (nbdkit_next_default_export *next,
   return "";
 }
 
-static void *
-snapshot_open (nbdkit_next_open *next, nbdkit_context *context,
-               int readonly, const char *exportname, int is_tls)
+/* Look up a checkpoint named in an export name.  Return its index or
+ * -1 after reporting why not.
+ */
+static ssize_t
+export_checkpoint (const char *exportname, const char *name)
 {
-  struct handle *h;
-  bool live = exportname[0] == '\0';
+  const char *why = snap_name_invalid (name);
+  ssize_t i;
 
-  if (!live) {
+  if (why) {
+    nbdkit_error ("export '%s': invalid name '%s': %s",
+                  exportname, name, why);
+    return -1;
+  }
+  i = manifest_find_checkpoint (&store.m, name);
+  if (i == -1)
+    nbdkit_error ("export '%s': no checkpoint named '%s'", exportname, name);
+  return i;
+}
+
+/* Parse exportname into h and take references on the checkpoints it
+ * names (store.lock held shared).  Return 0 or -1 (error reported).
+ */
+static int
+parse_export (const char *exportname, struct handle *h)
+{
+  ssize_t i, j;
+
+  if (exportname[0] == '\0') {
+    h->kind = EXPORT_LIVE;
+    return 0;
+  }
+  if (strncmp (exportname, SNAP_PREFIX, strlen (SNAP_PREFIX)) == 0) {
     const char *name = exportname + strlen (SNAP_PREFIX);
-    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-
-    if (strncmp (exportname, SNAP_PREFIX, strlen (SNAP_PREFIX)) != 0) {
-      nbdkit_error ("unknown export '%s': expected '' (the live volume) "
-                    "or 'snap/NAME'", exportname);
-      return NULL;
+    i = export_checkpoint (exportname, name);
+    if (i == -1)
+      return -1;
+    if (store.m.ckpts[i].kind != CKPT_SNAPSHOT) {
+      nbdkit_error ("export '%s': '%s' is a bitmap-only checkpoint, which "
+                    "keeps no data to read (use dirty/%s for its changed "
+                    "blocks)", exportname, name, name);
+      return -1;
     }
-    if (manifest_find_snapshot (&store.m, name) == -1) {
-      nbdkit_error ("unknown export '%s': no snapshot named '%s'",
-                    exportname, name);
-      return NULL;
+    h->kind = EXPORT_SNAP;
+    strcpy (h->name, name);
+    h->refs[0] = store.maps[i];
+  }
+  else if (strncmp (exportname, DIRTY_PREFIX, strlen (DIRTY_PREFIX)) == 0) {
+    const char *from = exportname + strlen (DIRTY_PREFIX);
+    const char *slash = strchr (from, '/');
+    char fromname[SNAP_NAME_MAX + 2] = "";
+
+    if (slash == NULL)
+      i = export_checkpoint (exportname, from);
+    else {
+      if ((size_t) (slash - from) >= sizeof fromname)
+        i = export_checkpoint (exportname, from);   /* too long: report */
+      else {
+        memcpy (fromname, from, slash - from);
+        i = export_checkpoint (exportname, fromname);
+      }
+    }
+    if (i == -1)
+      return -1;
+    h->kind = EXPORT_DIRTY;
+    strcpy (h->name, store.m.ckpts[i].name);
+    h->refs[0] = store.maps[i];
+    if (slash) {
+      j = export_checkpoint (exportname, slash + 1);
+      if (j == -1)
+        return -1;
+      if (store.m.ckpts[j].kind != CKPT_SNAPSHOT) {
+        nbdkit_error ("export '%s': '%s' is a bitmap-only checkpoint: the "
+                      "end of a dirty/FROM/TO range must be a snapshot, "
+                      "which keeps the data", exportname, slash + 1);
+        return -1;
+      }
+      if (j < i) {
+        nbdkit_error ("export '%s': '%s' is older than '%s': use "
+                      "dirty/%s/%s", exportname, slash + 1, fromname,
+                      slash + 1, fromname);
+        return -1;
+      }
+      strcpy (h->to, slash + 1);
+      h->refs[1] = store.maps[j];
     }
   }
-
-  /* The plugin always serves its default export; snapshot views never
-   * write to it.
-   */
-  if (next (context, readonly || !live, "") == -1)
-    return NULL;
-  h = calloc (1, sizeof *h);
-  if (h == NULL) {
-    nbdkit_error ("calloc: %m");
-    return NULL;
+  else {
+    nbdkit_error ("unknown export '%s': expected '' (the live volume), "
+                  "'snap/NAME', 'dirty/FROM' or 'dirty/FROM/TO'",
+                  exportname);
+    return -1;
   }
-  h->live = live;
-  if (!live)
-    strcpy (h->name, exportname + strlen (SNAP_PREFIX));
-  return h;
+  for (int k = 0; k < 2; ++k)
+    if (h->refs[k])
+      __atomic_add_fetch (&h->refs[k]->refs, 1, __ATOMIC_SEQ_CST);
+  return 0;
 }
 
 static void
 snapshot_close (void *handle)
 {
-  free (handle);
+  struct handle *h = handle;
+
+  for (int k = 0; k < 2; ++k)
+    if (h->refs[k])
+      __atomic_sub_fetch (&h->refs[k]->refs, 1, __ATOMIC_SEQ_CST);
+  free (h);
 }
 
-/* Depth of the handle's view (store.lock held shared), or -1 if its
- * snapshot has gone.
- */
-static ssize_t
-view_depth (struct handle *h)
+static void *
+snapshot_open (nbdkit_next_open *next, nbdkit_context *context,
+               int readonly, const char *exportname, int is_tls)
+{
+  struct handle *h = calloc (1, sizeof *h);
+
+  if (h == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  {
+    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    if (parse_export (exportname, h) == -1) {
+      free (h);
+      return NULL;
+    }
+  }
+
+  /* The plugin always serves its default export; only the live view
+   * ever writes to it.
+   */
+  if (next (context, readonly || h->kind != EXPORT_LIVE, "") == -1) {
+    snapshot_close (h);
+    return NULL;
+  }
+  return h;
+}
+
+/* Where a connection reads from (store.lock held shared). */
+struct route {
+  size_t depth;                 /* layers in the view */
+  ssize_t from, to;             /* DIRTY: checkpoint range [from, to) */
+};
+
+static void
+route (struct handle *h, struct route *r)
 {
   ssize_t i;
 
-  if (h->live)
-    return store.nlayers;
-  i = manifest_find_snapshot (&store.m, h->name);
-  if (i == -1)
-    return -1;
-  return store_snapshot_depth (&store.m.snaps[i]);
+  r->from = r->to = -1;
+  switch (h->kind) {
+  case EXPORT_LIVE:
+    r->depth = store.nlayers;
+    return;
+  case EXPORT_SNAP:
+    /* References keep the snapshot from being deleted. */
+    i = manifest_find_checkpoint (&store.m, h->name);
+    assert (i >= 0);
+    r->depth = store_snapshot_depth (&store.m.ckpts[i]);
+    return;
+  case EXPORT_DIRTY:
+    r->from = manifest_find_checkpoint (&store.m, h->name);
+    assert (r->from >= 0);
+    if (h->to[0]) {
+      r->to = manifest_find_checkpoint (&store.m, h->to);
+      assert (r->to >= 0);
+      r->depth = store_snapshot_depth (&store.m.ckpts[r->to]);
+    }
+    else {
+      r->to = store.m.nckpts;
+      r->depth = store.nlayers;
+    }
+    return;
+  }
+  abort ();
 }
 
 static int64_t
@@ -353,17 +502,17 @@ snapshot_export_description (nbdkit_next *next, void *handle)
   struct handle *h = handle;
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
   CLEANUP_FREE char *s = NULL;
-  const char *ret;
-  ssize_t i;
 
-  if (h->live)
+  if (h->kind == EXPORT_LIVE)
     s = live_description ();
-  else if ((i = manifest_find_snapshot (&store.m, h->name)) >= 0)
-    s = snapshot_description (&store.m.snaps[i]);
+  else {
+    ssize_t i = manifest_find_checkpoint (&store.m, h->name);
+    assert (i >= 0);
+    s = checkpoint_description (i, h->kind == EXPORT_DIRTY);
+  }
   if (s == NULL)
     return NULL;
-  ret = nbdkit_strdup_intern (s);
-  return ret;
+  return nbdkit_strdup_intern (s);
 }
 
 static int
@@ -372,7 +521,7 @@ snapshot_can_write (nbdkit_next *next, void *handle)
   struct handle *h = handle;
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
-  if (!h->live)
+  if (h->kind != EXPORT_LIVE)
     return 0;
   if (store.nlayers > 0)
     return 1;
@@ -444,16 +593,29 @@ snapshot_pread (nbdkit_next *next, void *handle, void *buf,
                 uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  ssize_t n = view_depth (handle);
+  struct route r;
 
-  if (n == -1) {
-    *err = ESHUTDOWN;
-    nbdkit_error ("the snapshot of this export has been deleted");
+  route (handle, &r);
+  if (r.from >= 0)
+    return dirty_pread (next, r.from, r.to, r.depth, buf, count, offset,
+                        err);
+  if (r.depth == 0)
+    return next->pread (next, buf, count, offset, flags, err);
+  return view_pread (next, r.depth, buf, count, offset, err);
+}
+
+/* Record a write to the live volume in the active dirty map: durably
+ * first when it goes to the origin in place.
+ */
+static int
+mark_changed (uint32_t count, uint64_t offset, int *err)
+{
+  if (ckpt_mark (offset, count, store.nlayers == 0) == -1) {
+    *err = errno;
+    nbdkit_error ("recording changed blocks: %m");
     return -1;
   }
-  if (n == 0)
-    return next->pread (next, buf, count, offset, flags, err);
-  return view_pread (next, n, buf, count, offset, err);
+  return 0;
 }
 
 /* With no snapshot, FUA goes to the plugin as a flush after the write
@@ -481,7 +643,9 @@ snapshot_pwrite (nbdkit_next *next, void *handle, const void *buf,
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
-  assert (((struct handle *) handle)->live);
+  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
+  if (mark_changed (count, offset, err) == -1)
+    return -1;
   if (store.nlayers == 0) {
     if (next->pwrite (next, buf, count, offset, origin_flags (next, flags),
                       err) == -1)
@@ -497,12 +661,16 @@ snapshot_zero (nbdkit_next *next, void *handle, uint32_t count,
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
-  assert (((struct handle *) handle)->live);
+  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
   if (store.nlayers == 0) {
     if ((flags & NBDKIT_FLAG_FAST_ZERO) && !next->can_fast_zero (next)) {
       *err = ENOTSUP;
       return -1;
     }
+  }
+  if (mark_changed (count, offset, err) == -1)
+    return -1;
+  if (store.nlayers == 0) {
     if (next->can_zero (next) == NBDKIT_ZERO_NONE) {
       /* The plugin cannot zero: write zeros through the top path is
        * not available, so emulate with writes.
@@ -533,7 +701,9 @@ snapshot_trim (nbdkit_next *next, void *handle, uint32_t count,
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
-  assert (((struct handle *) handle)->live);
+  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
+  if (mark_changed (count, offset, err) == -1)
+    return -1;
   if (store.nlayers == 0) {
     if (next->can_trim (next) &&
         next->trim (next, count, offset, origin_flags (next, flags),
@@ -565,14 +735,12 @@ snapshot_extents (nbdkit_next *next, void *handle, uint32_t count,
                   struct nbdkit_extents *extents, int *err)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  ssize_t n = view_depth (handle);
+  struct route r;
 
-  if (n == -1) {
-    *err = ESHUTDOWN;
-    nbdkit_error ("the snapshot of this export has been deleted");
-    return -1;
-  }
-  return view_extents (next, n, count, offset, flags, extents, err);
+  route (handle, &r);
+  if (r.from >= 0)
+    return dirty_extents (r.from, r.to, count, offset, flags, extents, err);
+  return view_extents (next, r.depth, count, offset, flags, extents, err);
 }
 
 static int
@@ -580,13 +748,10 @@ snapshot_cache (nbdkit_next *next, void *handle, uint32_t count,
                 uint64_t offset, uint32_t flags, int *err)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  ssize_t n = view_depth (handle);
+  struct route r;
 
-  if (n == -1) {
-    *err = ESHUTDOWN;
-    return -1;
-  }
-  return view_cache (next, n, count, offset, err);
+  route (handle, &r);
+  return view_cache (next, r.depth, count, offset, err);
 }
 
 static struct nbdkit_filter filter = {

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -208,6 +209,11 @@ layer_flush (struct layer *l)
   data_dirty = __atomic_exchange_n (&l->data_dirty, 0, __ATOMIC_SEQ_CST);
   if (mapfile_collect (&l->map, &batch) == -1)
     goto out;
+  /* The dirty bits of the writes behind these pages were set before
+   * the pages: make them durable before the layer claims the data.
+   */
+  if (batch.n > 0 && ckpt_persist_active () == -1)
+    goto out;
   if ((data_dirty || batch.n > 0) && fdatasync (l->data_fd) == -1)
     goto out;
   if (l->map_fd >= 0 && mapfile_write (l->map_fd, &batch) == -1)
@@ -291,6 +297,7 @@ store_open (uint64_t origin_size)
   store.size = store.m.size;
   store.block_size = store.m.block_size;
   store.npages = (store.size + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
+  store.nblocks = (store.size + store.block_size - 1) / store.block_size;
 
   store.layers = calloc (store.m.nlayers + 1, sizeof *store.layers);
   if (store.layers == NULL) {
@@ -304,9 +311,20 @@ store_open (uint64_t origin_size)
       return -1;
     store.nlayers++;
   }
-  nbdkit_debug ("snapshot: store %s: %zu layers, %zu snapshots, "
+  store.maps = calloc (store.m.nckpts + 1, sizeof *store.maps);
+  if (store.maps == NULL) {
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
+  for (size_t i = 0; i < store.m.nckpts; ++i) {
+    store.maps[i] = ckpt_map_open (store.m.ckpts[i].map,
+                                   i == store.m.nckpts - 1);
+    if (store.maps[i] == NULL)
+      return -1;
+  }
+  nbdkit_debug ("snapshot: store %s: %zu layers, %zu checkpoints, "
                 "block size %" PRIu32,
-                store.dir, store.nlayers, store.m.nsnaps, store.block_size);
+                store.dir, store.nlayers, store.m.nckpts, store.block_size);
   return 0;
 }
 
@@ -315,6 +333,12 @@ store_close (void)
 {
   if (store.nlayers > 0 && layer_flush (store.layers[store.nlayers - 1]) == -1)
     nbdkit_error ("snapshot: flushing the newest layer: %m");
+  if (store.maps && ckpt_persist_active () == -1)
+    nbdkit_error ("snapshot: saving the active dirty map: %m");
+  for (size_t i = 0; store.maps && i < store.m.nckpts; ++i)
+    ckpt_map_free (store.maps[i]);
+  free (store.maps);
+  store.maps = NULL;
   for (size_t i = 0; i < store.nlayers; ++i)
     layer_free (store.layers[i]);
   free (store.layers);
@@ -331,7 +355,7 @@ store_close (void)
 /* ---- Snapshots ---- */
 
 size_t
-store_snapshot_depth (const struct manifest_snapshot *s)
+store_snapshot_depth (const struct manifest_checkpoint *s)
 {
   size_t n = 0;
 
@@ -340,117 +364,162 @@ store_snapshot_depth (const struct manifest_snapshot *s)
   return n;
 }
 
+void
+set_errmsg (char **errmsg, const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  if (vasprintf (errmsg, fs, args) == -1)
+    *errmsg = NULL;
+  va_end (args);
+}
+
+/* Undo the in-memory effects of a failed create, and its files. */
+static void
+create_rollback (uint64_t next_id, size_t nlayers, size_t nckpts,
+                 struct layer *l, struct ckpt_map *d)
+{
+  for (uint64_t id = next_id; id < store.m.next_id; ++id) {
+    CLEANUP_FREE char *data = layer_path (id, "data");
+    CLEANUP_FREE char *map = layer_path (id, "map");
+    CLEANUP_FREE char *dirty = ckpt_map_path (id);
+    if (data) unlink (data);
+    if (map) unlink (map);
+    if (dirty) unlink (dirty);
+  }
+  store.m.next_id = next_id;
+  store.m.nlayers = nlayers;
+  store.m.nckpts = nckpts;
+  layer_free (l);
+  ckpt_map_free (d);
+}
+
 ssize_t
-store_create_snapshot (const char *name, int (*flush_origin) (void),
-                       char **errmsg)
+store_create_checkpoint (const char *name, bool bitmap_only,
+                         int (*flush_origin) (void), char **errmsg)
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
   const char *why = snap_name_invalid (name);
-  struct layer *l, **layers;
-  uint64_t id;
+  const uint64_t next_id = store.m.next_id;
+  const size_t nlayers = store.m.nlayers, nckpts = store.m.nckpts;
+  struct manifest_checkpoint c = { .created = time (NULL) };
+  struct layer *l = NULL, **layers;
+  struct ckpt_map *d = NULL, **maps;
 
   *errmsg = NULL;
   if (why) {
-    asprintf (errmsg, "invalid name '%s': %s", name, why);
+    set_errmsg (errmsg, "invalid name '%s': %s", name, why);
     return -1;
   }
-  if (manifest_find_snapshot (&store.m, name) >= 0) {
-    asprintf (errmsg, "checkpoint '%s' already exists", name);
+  if (manifest_find_checkpoint (&store.m, name) >= 0) {
+    set_errmsg (errmsg, "checkpoint '%s' already exists", name);
     return -1;
   }
 
-  /* Everything acknowledged so far becomes part of the frozen view:
-   * make it durable first.
+  /* Everything acknowledged so far belongs before the checkpoint: make
+   * the frozen view (for a snapshot) and the active map durable first.
    */
-  if (store.nlayers == 0) {
-    if (flush_origin () == -1) {
-      asprintf (errmsg, "flushing the origin failed: %s", strerror (errno));
-      return -1;
-    }
+  if (!bitmap_only && store.nlayers == 0 && flush_origin () == -1) {
+    set_errmsg (errmsg, "flushing the origin failed: %s", strerror (errno));
+    return -1;
   }
-  else if (layer_flush (store.layers[store.nlayers - 1]) == -1) {
-    asprintf (errmsg, "flushing layer %" PRIu64 ": %s",
-              store.layers[store.nlayers - 1]->id, strerror (errno));
+  if (!bitmap_only && store.nlayers > 0 &&
+      layer_flush (store.layers[store.nlayers - 1]) == -1) {
+    set_errmsg (errmsg, "flushing layer %" PRIu64 ": %s",
+                store.layers[store.nlayers - 1]->id, strerror (errno));
+    return -1;
+  }
+  if (ckpt_persist_active () == -1) {
+    set_errmsg (errmsg, "saving the active dirty map: %s", strerror (errno));
     return -1;
   }
 
   layers = realloc (store.layers, (store.nlayers + 2) * sizeof *layers);
-  if (layers == NULL) {
-    asprintf (errmsg, "realloc: %s", strerror (errno));
+  if (layers)
+    store.layers = layers;
+  maps = realloc (store.maps, (store.m.nckpts + 2) * sizeof *maps);
+  if (maps)
+    store.maps = maps;
+  if (layers == NULL || maps == NULL) {
+    set_errmsg (errmsg, "realloc: %s", strerror (errno));
     return -1;
   }
-  store.layers = layers;
 
-  id = store.m.next_id;
-  l = layer_create (id);
-  if (l == NULL) {
-    asprintf (errmsg, "cannot create layer %" PRIu64 " in %s (see the "
-              "server log)", id, store.dir);
-    return -1;
+  strcpy (c.name, name);
+  c.kind = bitmap_only ? CKPT_BITMAP : CKPT_SNAPSHOT;
+  if (!bitmap_only) {
+    c.layer = store.m.next_id++;
+    l = layer_create (c.layer);
+    if (l == NULL)
+      goto err_files;
   }
-  store.m.next_id++;
-  if (manifest_add_layer (&store.m, id) == -1 ||
-      manifest_add_snapshot (&store.m, name, time (NULL), id) == -1 ||
+  c.map = store.m.next_id++;
+  d = ckpt_map_create (c.map);
+  if (d == NULL)
+    goto err_files;
+  if (fsync_dir (store.dir) == -1 ||
+      (l && manifest_add_layer (&store.m, c.layer) == -1) ||
+      manifest_add_checkpoint (&store.m, &c) == -1 ||
       manifest_save (store.dir, &store.m) == -1) {
     int e = errno;
-    CLEANUP_FREE char *data = layer_path (id, "data");
-    CLEANUP_FREE char *map = layer_path (id, "map");
-
-    /* Roll the in-memory manifest back to what is on disk. */
-    if (store.m.nlayers > 0 && store.m.layers[store.m.nlayers - 1] == id)
-      store.m.nlayers--;
-    if (store.m.nsnaps > 0 &&
-        strcmp (store.m.snaps[store.m.nsnaps - 1].name, name) == 0)
-      store.m.nsnaps--;
-    store.m.next_id--;
-    layer_free (l);
-    if (data) unlink (data);
-    if (map) unlink (map);
-    asprintf (errmsg, "cannot save the manifest in %s: %s",
-              store.dir, strerror (e));
+    create_rollback (next_id, nlayers, nckpts, l, d);
+    set_errmsg (errmsg, "cannot save the manifest in %s: %s",
+                store.dir, strerror (e));
     return -1;
   }
 
-  /* The old newest layer is frozen: its map never changes again. */
-  if (store.nlayers > 0) {
+  /* The old newest layer and dirty map are frozen from now on. */
+  if (l && store.nlayers > 0) {
     struct layer *old = store.layers[store.nlayers - 1];
     if (old->map_fd >= 0) {
       close (old->map_fd);
       old->map_fd = -1;
     }
   }
-  store.layers[store.nlayers++] = l;
-  nbdkit_debug ("snapshot: created snapshot %s, new layer %" PRIu64,
-                name, id);
-  return store.m.nsnaps - 1;
+  if (nckpts > 0 && store.maps[nckpts - 1]->fd >= 0) {
+    close (store.maps[nckpts - 1]->fd);
+    store.maps[nckpts - 1]->fd = -1;
+  }
+  if (l)
+    store.layers[store.nlayers++] = l;
+  store.maps[nckpts] = d;
+  nbdkit_debug ("snapshot: created %s %s (map %" PRIu64 ", layer %" PRIu64 ")",
+                bitmap_only ? "checkpoint" : "snapshot", name, c.map, c.layer);
+  return nckpts;
+
+ err_files:
+  create_rollback (next_id, nlayers, nckpts, l, d);
+  set_errmsg (errmsg, "cannot create the files of '%s' in %s (see the "
+              "server log)", name, store.dir);
+  return -1;
 }
 
-uint64_t
-store_changed_blocks (const struct manifest_snapshot *s)
+int
+store_delete_checkpoint (const char *name, char **errmsg)
 {
-  const uint64_t ppb = store.block_size / PAGE_SIZE_BYTES;
-  const uint64_t nblocks = (store.size + store.block_size - 1)
-    / store.block_size;
-  struct sbitmap blocks;
-  uint64_t n;
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  ssize_t i = manifest_find_checkpoint (&store.m, name);
+  unsigned refs;
 
-  if (sbitmap_init (&blocks, nblocks) == -1)
-    return 0;
-  for (size_t i = store_snapshot_depth (s); i < store.nlayers; ++i) {
-    const struct sbitmap *map = &store.layers[i]->map;
-    uint64_t p = sbitmap_find_next_set (map, 0);
-
-    while (p < store.npages) {
-      uint64_t e = sbitmap_find_next_clear (map, p);
-      uint64_t b0 = p / ppb, b1 = (e - 1) / ppb;
-      if (sbitmap_set_range (&blocks, b0, b1 - b0 + 1) == -1)
-        break;
-      p = sbitmap_find_next_set (map, e);
-    }
+  *errmsg = NULL;
+  if (i == -1) {
+    set_errmsg (errmsg, "no checkpoint named '%s'", name);
+    return -1;
   }
-  n = sbitmap_count (&blocks);
-  sbitmap_free (&blocks);
-  return n;
+  if (store.m.ckpts[i].kind == CKPT_SNAPSHOT) {
+    set_errmsg (errmsg, "'%s' is a snapshot: deleting a snapshot merges "
+                "its data, which this release cannot do", name);
+    return -1;
+  }
+  refs = __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST);
+  if (refs > 0) {
+    set_errmsg (errmsg, "checkpoint '%s' is in use by %u connection%s "
+                "(a dirty/ export): disconnect first", name, refs,
+                refs == 1 ? "" : "s");
+    return -1;
+  }
+  return ckpt_delete_bitmap (i, errmsg);
 }
 
 uint64_t

@@ -74,17 +74,31 @@ struct layer {
   unsigned data_dirty;          /* atomic: data written since last flush */
 };
 
+/* A checkpoint's dirty map (checkpoint.c). */
+struct ckpt_map {
+  uint64_t id;                  /* dirty-ID.map */
+  int fd;                       /* open read-write while active, else -1 */
+  struct sbitmap bm;            /* one bit per block */
+  pthread_mutex_t lock;         /* protects the group-commit state: */
+  pthread_cond_t cond;
+  uint64_t seq, synced;         /* requests to sync; last one done */
+  bool busy;                    /* a sync is running */
+  unsigned refs;                /* atomic: connections using it */
+};
+
 struct store {
   char *dir;                    /* absolute path */
   int lock_fd;                  /* flock'd DIR/lock */
   struct manifest m;            /* protected by lock (write: exclusive) */
   uint64_t size;                /* volume size in bytes */
   uint64_t npages;              /* ceil (size / 4096) */
+  uint64_t nblocks;             /* ceil (size / block_size) */
   uint32_t block_size;
 
   pthread_rwlock_t lock;        /* see "Locking" above */
   size_t nlayers;               /* == m.nlayers */
   struct layer **layers;        /* parallel to m.layers, oldest first */
+  struct ckpt_map **maps;       /* parallel to m.ckpts */
 
   struct rangelock pages;
   pthread_mutex_t control_lock;
@@ -120,7 +134,7 @@ extern int store_open (uint64_t origin_size);
 extern void store_close (void);
 
 /* Number of layers in snapshot S's view (the store lock must be held). */
-extern size_t store_snapshot_depth (const struct manifest_snapshot *s)
+extern size_t store_snapshot_depth (const struct manifest_checkpoint *s)
   __attribute__ ((__nonnull__ (1)));
 
 /* Make the writes to layer l durable (see "Ordering" above).  Return 0,
@@ -129,21 +143,59 @@ extern size_t store_snapshot_depth (const struct manifest_snapshot *s)
 extern int layer_flush (struct layer *l)
   __attribute__ ((__nonnull__ (1)));
 
-/* Take snapshot name now.  flush_origin is called when the origin is
- * the live volume.  Return the index of the new snapshot in
- * store.m.snaps, or -1 with *errmsg set to a malloc'd message.
+/* Take checkpoint name now: a snapshot, or with bitmap_only a
+ * bitmap-only checkpoint.  flush_origin is called when the origin is
+ * the live volume.  Return the index of the new checkpoint in
+ * store.m.ckpts, or -1 with *errmsg set to a malloc'd message.
  */
-extern ssize_t store_create_snapshot (const char *name,
-                                      int (*flush_origin) (void),
-                                      char **errmsg)
-  __attribute__ ((__nonnull__ (1, 3)));
+extern ssize_t store_create_checkpoint (const char *name, bool bitmap_only,
+                                        int (*flush_origin) (void),
+                                        char **errmsg)
+  __attribute__ ((__nonnull__ (1, 3, 4)));
 
-/* Changed blocks since snapshot S (the store lock must be held). */
-extern uint64_t store_changed_blocks (const struct manifest_snapshot *s)
-  __attribute__ ((__nonnull__ (1)));
+/* Delete checkpoint name (store.lock must not be held).  Return 0, or
+ * -1 with *errmsg set.
+ */
+extern int store_delete_checkpoint (const char *name, char **errmsg)
+  __attribute__ ((__nonnull__ (1, 2)));
 
 /* Bytes held by layer id, or 0 (the store lock must be held). */
 extern uint64_t store_layer_bytes (uint64_t id);
+
+/* Format a message into *errmsg (malloc'd; NULL if out of memory). */
+extern void set_errmsg (char **errmsg, const char *fs, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* ---- checkpoint.c (store.lock held, shared unless stated) ---- */
+
+extern char *ckpt_map_path (uint64_t id);
+extern struct ckpt_map *ckpt_map_open (uint64_t id, bool active);
+extern struct ckpt_map *ckpt_map_create (uint64_t id);
+extern void ckpt_map_free (struct ckpt_map *d);
+
+/* Make every bit set so far in d durable (group commit). */
+extern int ckpt_map_persist (struct ckpt_map *d)
+  __attribute__ ((__nonnull__ (1)));
+extern int ckpt_persist_active (void);
+
+/* Mark the blocks of [offset, offset+count) in the active map; with
+ * durable, make newly set bits durable before returning.  Return 0, or
+ * -1 with errno set.
+ */
+extern int ckpt_mark (uint64_t offset, uint64_t count, bool durable);
+
+/* Is block b changed between checkpoints from and to (exclusive)?  Set
+ * *changed and return the first block at or after b (at most limit)
+ * where that answer differs.
+ */
+extern uint64_t ckpt_run (size_t from, size_t to, uint64_t b,
+                          uint64_t limit, bool *changed);
+
+/* Number of blocks changed between checkpoints from and to (exclusive). */
+extern uint64_t ckpt_count_changed (size_t from, size_t to);
+
+/* Delete bitmap-only checkpoint i (store.lock exclusive). */
+extern int ckpt_delete_bitmap (size_t i, char **errmsg);
 
 /* ---- view.c: I/O through a view of depth n (store.lock held shared) ---- */
 
@@ -162,6 +214,17 @@ extern int view_extents (nbdkit_next *next, size_t n, uint32_t count,
 extern int view_cache (nbdkit_next *next, size_t n, uint32_t count,
                        uint64_t offset, int *err);
 
+/* dirty/ exports: blocks changed between checkpoints from and to
+ * (exclusive) read from the view of depth depth; others read as zeros
+ * and are reported as holes.
+ */
+extern int dirty_pread (nbdkit_next *next, size_t from, size_t to,
+                        size_t depth, void *buf, uint32_t count,
+                        uint64_t offset, int *err);
+extern int dirty_extents (size_t from, size_t to, uint32_t count,
+                          uint64_t offset, uint32_t flags,
+                          struct nbdkit_extents *extents, int *err);
+
 /* Writes go to the newest layer (store.nlayers >= 1). */
 extern int top_pwrite (nbdkit_next *next, const void *buf, uint32_t count,
                        uint64_t offset, uint32_t flags, int *err);
@@ -174,9 +237,7 @@ extern int top_trim (uint32_t count, uint64_t offset, uint32_t flags,
 extern int control_start (const char *path);
 extern void control_stop (void);
 
-/* Describe checkpoint index i as JSON members (control.c, used by the
- * export list too).  Store lock held.
- */
+/* Describe checkpoint index i as JSON members.  Store lock held. */
 struct jw;
 extern void describe_checkpoint (struct jw *w, size_t i);
 

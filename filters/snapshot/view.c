@@ -415,3 +415,59 @@ top_trim (uint32_t count, uint64_t offset, uint32_t flags, int *err)
   }
   return 0;
 }
+
+/* ---- dirty/ exports ---- */
+
+int
+dirty_pread (nbdkit_next *next, size_t from, size_t to, size_t depth,
+             void *buf, uint32_t count, uint64_t offset, int *err)
+{
+  char *p = buf;
+  const uint64_t end = offset + count;
+  const uint64_t limit = (end - 1) / store.block_size + 1;
+
+  while (offset < end) {
+    bool changed;
+    uint64_t b = offset / store.block_size;
+    uint64_t run_end = ckpt_run (from, to, b, limit, &changed);
+    uint64_t len = MIN (end, run_end * store.block_size) - offset;
+
+    if (!changed)
+      memset (p, 0, len);       /* Unchanged blocks read as zeros. */
+    else if (depth == 0) {
+      if (next->pread (next, p, len, offset, 0, err) == -1)
+        return -1;
+    }
+    else if (view_pread (next, depth, p, len, offset, err) == -1)
+      return -1;
+    p += len;
+    offset += len;
+  }
+  return 0;
+}
+
+int
+dirty_extents (size_t from, size_t to, uint32_t count, uint64_t offset,
+               uint32_t flags, struct nbdkit_extents *extents, int *err)
+{
+  const uint64_t end = offset + count;
+  const uint64_t limit = (end - 1) / store.block_size + 1;
+
+  while (offset < end) {
+    bool changed;
+    uint64_t b = offset / store.block_size;
+    uint64_t run_end = ckpt_run (from, to, b, limit, &changed);
+    uint64_t stop = MIN (end, run_end * store.block_size);
+
+    if (nbdkit_add_extent (extents, offset, stop - offset,
+                           changed ? 0
+                           : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) == -1) {
+      *err = errno;
+      return -1;
+    }
+    offset = stop;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
+}

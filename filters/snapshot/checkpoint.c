@@ -1,0 +1,327 @@
+/* nbdkit-snapshot: checkpoints and their dirty maps.
+ *
+ * Every checkpoint (a snapshot, or a bitmap-only checkpoint) owns a
+ * dirty map: one bit per block, set for every block written from the
+ * moment it was taken until the next checkpoint was taken.  Only the
+ * newest map, the "active" one, ever gains bits.  The blocks changed
+ * since checkpoint C are the union of the maps of C and of every newer
+ * checkpoint; between checkpoints FROM and TO, the union of FROM's map
+ * up to (not including) TO's.
+ *
+ * Never missing a changed block (guarantee 3):
+ *
+ * - A write first sets its blocks' bits in the active map, in memory.
+ * - When the write goes to the origin in place (no snapshot exists),
+ *   the new bits are made durable before the write is issued.  Writers
+ *   that dirty new blocks at the same time share one sync (group
+ *   commit, ckpt_map_persist), and a write to a block already marked
+ *   costs nothing, so the price is paid once per newly dirtied block.
+ * - When the write goes to a layer, its bits need only be durable before
+ *   the layer's own map says the layer holds the data: layer_flush
+ *   persists the active dirty map before it writes the layer map.  A
+ *   write lost in a crash before its flush left no trace in any view,
+ *   so it changed nothing.
+ * - Taking a checkpoint persists the active map before the manifest
+ *   names the new one, and deleting a checkpoint folds its bits into
+ *   the next older map (durably) before the manifest forgets it: a
+ *   crash in between leaves extra bits, never missing ones.
+ *
+ * Locking: the maps array changes only with store.lock held
+ * exclusively; everything else runs with it shared.  The bitmaps are
+ * lock-free; each map's group-commit state has its own mutex.
+ */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "cleanup.h"
+#include "mapfile.h"
+#include "store.h"
+#include "util.h"
+
+char *
+ckpt_map_path (uint64_t id)
+{
+  char *path;
+
+  if (asprintf (&path, "%s/dirty-%" PRIu64 ".map", store.dir, id) == -1)
+    return NULL;
+  return path;
+}
+
+static struct ckpt_map *
+ckpt_map_alloc (uint64_t id)
+{
+  struct ckpt_map *d = calloc (1, sizeof *d);
+
+  if (d == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  d->id = id;
+  d->fd = -1;
+  pthread_mutex_init (&d->lock, NULL);
+  pthread_cond_init (&d->cond, NULL);
+  return d;
+}
+
+void
+ckpt_map_free (struct ckpt_map *d)
+{
+  if (d == NULL)
+    return;
+  if (d->fd >= 0)
+    close (d->fd);
+  sbitmap_free (&d->bm);
+  pthread_cond_destroy (&d->cond);
+  pthread_mutex_destroy (&d->lock);
+  free (d);
+}
+
+struct ckpt_map *
+ckpt_map_open (uint64_t id, bool active)
+{
+  CLEANUP_FREE char *path = ckpt_map_path (id);
+  struct ckpt_map *d = ckpt_map_alloc (id);
+
+  if (d == NULL || path == NULL)
+    goto err;
+  d->fd = mapfile_open (path, MAPFILE_KIND_DIRTY, store.block_size,
+                        store.nblocks, active, &d->bm);
+  if (d->fd == -1)
+    goto err;
+  if (!active) {
+    close (d->fd);
+    d->fd = -1;
+  }
+  return d;
+
+ err:
+  ckpt_map_free (d);
+  return NULL;
+}
+
+struct ckpt_map *
+ckpt_map_create (uint64_t id)
+{
+  CLEANUP_FREE char *path = ckpt_map_path (id);
+  struct ckpt_map *d = ckpt_map_alloc (id);
+
+  if (d == NULL || path == NULL)
+    goto err;
+  unlink (path);                /* Left by a crash before the manifest. */
+  d->fd = mapfile_create (path, MAPFILE_KIND_DIRTY, store.block_size,
+                          store.nblocks);
+  if (d->fd == -1)
+    goto err;
+  if (sbitmap_init (&d->bm, store.nblocks) == -1) {
+    nbdkit_error ("sbitmap_init: %m");
+    unlink (path);
+    goto err;
+  }
+  return d;
+
+ err:
+  ckpt_map_free (d);
+  return NULL;
+}
+
+/* Write the dirty pages of d to its file and sync. */
+static int
+ckpt_map_write (struct ckpt_map *d)
+{
+  struct mapfile_batch batch = { 0 };
+  int r;
+
+  if (mapfile_collect (&d->bm, &batch) == -1)
+    return -1;
+  r = mapfile_write (d->fd, &batch);
+  if (r == -1) {
+    int e = errno;
+    mapfile_batch_restore (&d->bm, &batch);
+    errno = e;
+  }
+  mapfile_batch_free (&batch);
+  return r;
+}
+
+int
+ckpt_map_persist (struct ckpt_map *d)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&d->lock);
+  /* Every bit set before this point is covered by a sync that starts
+   * after it.
+   */
+  const uint64_t mine = ++d->seq;
+
+  while (d->synced < mine) {
+    if (!d->busy) {
+      uint64_t target = d->seq;
+      int r;
+
+      d->busy = true;
+      pthread_mutex_unlock (&d->lock);
+      r = ckpt_map_write (d);
+      pthread_mutex_lock (&d->lock);
+      d->busy = false;
+      pthread_cond_broadcast (&d->cond);
+      if (r == -1)
+        return -1;
+      d->synced = target;
+    }
+    else
+      pthread_cond_wait (&d->cond, &d->lock);
+  }
+  return 0;
+}
+
+int
+ckpt_persist_active (void)
+{
+  if (store.m.nckpts == 0)
+    return 0;
+  return ckpt_map_persist (store.maps[store.m.nckpts - 1]);
+}
+
+int
+ckpt_mark (uint64_t offset, uint64_t count, bool durable)
+{
+  struct ckpt_map *d;
+  uint64_t first, last;
+  int64_t added;
+
+  if (store.m.nckpts == 0 || count == 0)
+    return 0;
+  d = store.maps[store.m.nckpts - 1];
+  first = offset / store.block_size;
+  last = (offset + count - 1) / store.block_size;
+  added = sbitmap_set_range (&d->bm, first, last - first + 1);
+  if (added == -1)
+    return -1;
+  if (added > 0 && durable)
+    return ckpt_map_persist (d);
+  return 0;
+}
+
+/* ---- Queries ---- */
+
+uint64_t
+ckpt_run (size_t from, size_t to, uint64_t b, uint64_t limit, bool *changed)
+{
+  uint64_t end;
+
+  assert (b < limit);
+  *changed = false;
+  for (size_t i = from; i < to; ++i)
+    if (sbitmap_test (&store.maps[i]->bm, b)) {
+      *changed = true;
+      break;
+    }
+
+  if (!*changed) {
+    /* Unchanged up to the first block any map has set. */
+    end = limit;
+    for (size_t i = from; i < to; ++i)
+      end = MIN (end, sbitmap_find_next_set (&store.maps[i]->bm, b));
+    return end;
+  }
+
+  /* Changed up to the first block every map has clear. */
+  end = b;
+  for (;;) {
+    uint64_t next = end;
+    for (size_t i = from; i < to && next < limit; ++i)
+      if (sbitmap_test (&store.maps[i]->bm, next))
+        next = sbitmap_find_next_clear (&store.maps[i]->bm, next);
+    if (next == end || next >= limit)
+      return MIN (next, limit);
+    end = next;
+  }
+}
+
+uint64_t
+ckpt_count_changed (size_t from, size_t to)
+{
+  uint64_t b = 0, n = 0;
+
+  if (from >= to)
+    return 0;
+  while (b < store.nblocks) {
+    bool changed;
+    uint64_t end = ckpt_run (from, to, b, store.nblocks, &changed);
+    if (changed)
+      n += end - b;
+    b = end;
+  }
+  return n;
+}
+
+/* ---- Deleting a bitmap-only checkpoint ---- */
+
+int
+ckpt_delete_bitmap (size_t i, char **errmsg)
+{
+  struct ckpt_map *d = store.maps[i];
+  CLEANUP_FREE char *path = ckpt_map_path (d->id);
+  struct manifest_checkpoint saved = store.m.ckpts[i];
+
+  assert (store.m.ckpts[i].kind == CKPT_BITMAP);
+
+  /* Fold its bits into the next older map, durably, first. */
+  if (i > 0) {
+    struct ckpt_map *older = store.maps[i - 1];
+    CLEANUP_FREE char *opath = ckpt_map_path (older->id);
+    bool newest = i == store.m.nckpts - 1;
+    uint64_t b = sbitmap_find_next_set (&d->bm, 0);
+
+    while (b < store.nblocks) {
+      uint64_t e = sbitmap_find_next_clear (&d->bm, b);
+      if (sbitmap_set_range (&older->bm, b, e - b) == -1)
+        goto err;
+      b = sbitmap_find_next_set (&d->bm, e);
+    }
+    if (older->fd == -1) {
+      older->fd = open (opath, O_RDWR | O_CLOEXEC);
+      if (older->fd == -1)
+        goto err;
+    }
+    if (ckpt_map_write (older) == -1)
+      goto err;
+    if (!newest) {             /* It stays frozen. */
+      close (older->fd);
+      older->fd = -1;
+    }
+  }
+
+  manifest_remove_checkpoint (&store.m, i);
+  if (manifest_save (store.dir, &store.m) == -1) {
+    int e = errno;
+    /* Put it back: on disk nothing changed but the extra bits. */
+    memmove (&store.m.ckpts[i + 1], &store.m.ckpts[i],
+             (store.m.nckpts - i) * sizeof store.m.ckpts[0]);
+    store.m.ckpts[i] = saved;
+    store.m.nckpts++;
+    errno = e;
+    goto err;
+  }
+  memmove (&store.maps[i], &store.maps[i + 1],
+           (store.m.nckpts - i) * sizeof store.maps[0]);
+  ckpt_map_free (d);
+  if (path)
+    unlink (path);
+  return 0;
+
+ err:
+  asprintf (errmsg, "cannot delete checkpoint '%s': %s",
+            saved.name, strerror (errno));
+  return -1;
+}
