@@ -11,16 +11,17 @@
  * Never missing a changed block (guarantee 3):
  *
  * - A write first sets its blocks' bits in the active map, in memory.
- * - When the write goes to the origin in place (no snapshot exists),
- *   the new bits are made durable before the write is issued.  Writers
- *   that dirty new blocks at the same time share one sync (group
- *   commit, ckpt_map_persist), and a write to a block already marked
- *   costs nothing, so the price is paid once per newly dirtied block.
- * - When the write goes to a layer, its bits need only be durable before
- *   the layer's own map says the layer holds the data: layer_flush
- *   persists the active dirty map before it writes the layer map.  A
- *   write lost in a crash before its flush left no trace in any view,
- *   so it changed nothing.
+ * - The new bits are made durable before the write is issued, wherever
+ *   it goes: to the origin in place (no snapshot), or into the newest
+ *   layer, which may already hold the page and overwrite it in place
+ *   (its map then does not change, so nothing else would record the
+ *   change).  Writers that dirty new blocks at the same time share one
+ *   sync (group commit, ckpt_map_persist), and a write to a block
+ *   already marked costs nothing, so the price is paid once per newly
+ *   dirtied block.
+ * - layer_flush also persists the active map before it writes the
+ *   layer map (a no-op when nothing is pending), so no layer map on
+ *   disk is ever ahead of the dirty maps.
  * - Taking a checkpoint persists the active map before the manifest
  *   names the new one, and deleting a checkpoint folds its bits into
  *   the next older map (durably) before the manifest forgets it: a
@@ -193,7 +194,7 @@ ckpt_persist_active (void)
 }
 
 int
-ckpt_mark (uint64_t offset, uint64_t count, bool durable)
+ckpt_mark (uint64_t offset, uint64_t count)
 {
   struct ckpt_map *d;
   uint64_t first, last;
@@ -207,7 +208,7 @@ ckpt_mark (uint64_t offset, uint64_t count, bool durable)
   added = sbitmap_set_range (&d->bm, first, last - first + 1);
   if (added == -1)
     return -1;
-  if (added > 0 && durable)
+  if (added > 0)
     return ckpt_map_persist (d);
   return 0;
 }

@@ -178,11 +178,10 @@ extern int ckpt_map_persist (struct ckpt_map *d)
   __attribute__ ((__nonnull__ (1)));
 extern int ckpt_persist_active (void);
 
-/* Mark the blocks of [offset, offset+count) in the active map; with
- * durable, make newly set bits durable before returning.  Return 0, or
- * -1 with errno set.
+/* Mark the blocks of [offset, offset+count) in the active map and make
+ * newly set bits durable before returning.  Return 0, or -1 with errno.
  */
-extern int ckpt_mark (uint64_t offset, uint64_t count, bool durable);
+extern int ckpt_mark (uint64_t offset, uint64_t count);
 
 /* Is block b changed between checkpoints from and to (exclusive)?  Set
  * *changed and return the first block at or after b (at most limit)
