@@ -11,10 +11,12 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define MIN(a, b) ({ __typeof__ (a) _a = (a); __typeof__ (b) _b = (b); \
-                     _a < _b ? _a : _b; })
-#define MAX(a, b) ({ __typeof__ (a) _a = (a); __typeof__ (b) _b = (b); \
-                     _a > _b ? _a : _b; })
+/* MIN and MAX evaluate each argument once, and nest (unique names). */
+#define SNAP_MINMAX_(a, b, op, u) ({ __typeof__ (a) _a##u = (a);      \
+      __typeof__ (b) _b##u = (b); _a##u op _b##u ? _a##u : _b##u; })
+#define SNAP_MINMAX(a, b, op, u) SNAP_MINMAX_ (a, b, op, u)
+#define MIN(a, b) SNAP_MINMAX (a, b, <, __COUNTER__)
+#define MAX(a, b) SNAP_MINMAX (a, b, >, __COUNTER__)
 
 /* Round to a multiple of a power of two. */
 #define ROUND_UP(i, n) ({ __typeof__ (n) _n = (n); \

@@ -18,7 +18,8 @@
  *   change).  Writers that dirty new blocks at the same time share one
  *   sync (group commit, ckpt_map_persist), and a write to a block
  *   already marked costs nothing, so the price is paid once per newly
- *   dirtied block.
+ *   dirtied block.  A sequential writer gets a window of blocks marked
+ *   ahead of it (ckpt_mark), so it pays one sync per window.
  * - layer_flush also persists the active map before it writes the
  *   layer map (a no-op when nothing is pending), so no layer map on
  *   disk is ever ahead of the dirty maps.
@@ -48,6 +49,10 @@
 #include "mapfile.h"
 #include "store.h"
 #include "util.h"
+
+/* Bounds of the window marked ahead of a sequential writer (blocks). */
+#define MARK_AHEAD_MIN UINT64_C (16)
+#define MARK_AHEAD_MAX UINT64_C (256)
 
 char *
 ckpt_map_path (uint64_t id)
@@ -208,9 +213,25 @@ ckpt_mark (uint64_t offset, uint64_t count)
   added = sbitmap_set_range (&d->bm, first, last - first + 1);
   if (added == -1)
     return -1;
-  if (added > 0)
-    return ckpt_map_persist (d);
-  return 0;
+  if (added == 0)
+    return 0;
+
+  /* A sequential writer (the block before is marked already) will
+   * dirty the next blocks soon: mark a window ahead now, so it pays
+   * one sync per window rather than one per request.  Marking a block
+   * that then does not change is allowed (a backup reads it for
+   * nothing); missing one never is.  The window is at most
+   * MARK_AHEAD_MAX blocks past the end of the stream.
+   */
+  if (first > 0 && sbitmap_test (&d->bm, first - 1) &&
+      last + 1 < store.nblocks) {
+    uint64_t n = last - first + 1;
+    uint64_t ahead = MIN (MAX (MARK_AHEAD_MIN, 4 * n), MARK_AHEAD_MAX);
+    if (sbitmap_set_range (&d->bm, last + 1,
+                           MIN (ahead, store.nblocks - last - 1)) == -1)
+      return -1;
+  }
+  return ckpt_map_persist (d);
 }
 
 /* ---- Queries ---- */
