@@ -266,6 +266,10 @@ run_control (const struct command *cmd, char **operands, FILE *out)
     jw_key (&req, "name");
     jw_string (&req, operands[0]);
   }
+  if (bitmap_only) {
+    jw_key (&req, "bitmap_only");
+    jw_bool (&req, true);
+  }
   jw_end_object (&req);
 
   reply = control_request (cmd, &req);

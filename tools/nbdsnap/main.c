@@ -14,6 +14,12 @@
 
 const char *control = NULL;
 bool json_output = false;
+const char *backup_to = NULL;
+const char *backup_since = NULL;
+unsigned backup_requests = 16;
+bool progress_bar = false;
+int progress_fd = -1;
+bool bitmap_only = false;
 
 /* The commands, in the order usage lists them.  A command that talks
  * to the control socket with a request of the plain form
@@ -29,27 +35,47 @@ static const struct command commands[] = {
     .min_operands = 1, .max_operands = 1, .name_operand = true,
     .description = "show checkpoint NAME",
     .run = run_control, .print = print_info },
-  { .name = "create", .operands = "NAME",
+  { .name = "create", .operands = "NAME", .options = "[--bitmap-only]",
     .min_operands = 1, .max_operands = 1, .name_operand = true,
-    .description = "take snapshot NAME now",
+    .description = "take snapshot (or bitmap-only checkpoint) NAME now",
     .run = run_control, .print = print_create },
+  { .name = "delete", .operands = "NAME",
+    .min_operands = 1, .max_operands = 1, .name_operand = true,
+    .description = "delete bitmap-only checkpoint NAME",
+    .run = run_control, .print = print_delete },
+  { .name = "backup", .operands = "URI",
+    .options = "--to FILE [--since CHECKPOINT] [--progress[=FD]] "
+               "[--requests N]",
+    .min_operands = 1, .max_operands = 1,
+    .description = "copy NBD export URI, or its changes, to a file",
+    .run = run_backup },
 };
 #define NR_COMMANDS (sizeof commands / sizeof commands[0])
 
 enum {
-  HELP_OPTION = CHAR_MAX + 1,
+  BITMAP_ONLY_OPTION = CHAR_MAX + 1,
+  HELP_OPTION,
   JSON_OPTION,
   LONG_OPTIONS,
+  PROGRESS_OPTION,
+  REQUESTS_OPTION,
   SHORT_OPTIONS,
+  SINCE_OPTION,
+  TO_OPTION,
 };
 
 static const char short_options[] = "c:V";
 static const struct option long_options[] = {
+  { "bitmap-only",   no_argument,       NULL, BITMAP_ONLY_OPTION },
   { "control",       required_argument, NULL, 'c' },
   { "help",          no_argument,       NULL, HELP_OPTION },
   { "json",          no_argument,       NULL, JSON_OPTION },
   { "long-options",  no_argument,       NULL, LONG_OPTIONS },
+  { "progress",      optional_argument, NULL, PROGRESS_OPTION },
+  { "requests",      required_argument, NULL, REQUESTS_OPTION },
   { "short-options", no_argument,       NULL, SHORT_OPTIONS },
+  { "since",         required_argument, NULL, SINCE_OPTION },
+  { "to",            required_argument, NULL, TO_OPTION },
   { "version",       no_argument,       NULL, 'V' },
   { NULL }
 };
@@ -104,9 +130,19 @@ usage (FILE *fp, int exit_code)
 "  --help            print this help and exit\n"
 "  -V, --version     print the version and exit\n"
 "\n"
+"Options of backup (which does not use the control socket):\n"
+"  --to FILE         the file to write (required)\n"
+"  --since CHECKPOINT\n"
+"                    copy only the blocks changed since CHECKPOINT onto\n"
+"                    FILE, which holds the previous backup\n"
+"  --progress[=FD]   draw a progress bar, or write N/100 lines to FD\n"
+"  --requests N      reads in flight, 1 to 64 (default 16)\n"
+"\n"
 "Examples:\n"
 "  nbdsnap -c disk.snap create nightly\n"
 "  nbdsnap -c disk.snap/control.sock --json list\n"
+"  nbdsnap backup 'nbd+unix:///snap/s2?socket=/tmp/sock' \\\n"
+"          --since s1 --to disk.bak\n"
 "\n"
 "Please read the nbdsnap(1) manual page for full usage.\n");
   exit (exit_code);
@@ -124,9 +160,30 @@ command_usage (const struct command *cmd, const char *fs, ...)
   va_start (args, fs);
   snap_verror (fs, args);
   va_end (args);
-  fprintf (stderr, "Usage: nbdsnap [-c SOCKET|STORE-DIR] [--json] %s%s%s\n",
-           cmd->name, cmd->operands[0] ? " " : "", cmd->operands);
+  fprintf (stderr, "Usage: nbdsnap %s[--json] %s%s%s%s%s\n",
+           cmd->run == run_control ? "[-c SOCKET|STORE-DIR] " : "",
+           cmd->name, cmd->operands[0] ? " " : "", cmd->operands,
+           cmd->options ? " " : "", cmd->options ? cmd->options : "");
   exit (EXIT_FAILURE);
+}
+
+/* Parse the number given to option: digits only, from min to max. */
+static unsigned
+parse_number (const char *option, const char *arg, unsigned min,
+              unsigned max)
+{
+  unsigned long v;
+  char *end;
+
+  errno = 0;
+  v = strtoul (arg, &end, 10);
+  if (arg[0] < '0' || arg[0] > '9' || *end != '\0' || errno != 0 ||
+      v < min || v > max) {
+    snap_error ("%s: invalid value '%s' (expected a number from %u to %u)",
+                option, arg, min, max);
+    exit (EXIT_FAILURE);
+  }
+  return v;
 }
 
 static const struct command *
@@ -172,6 +229,7 @@ int
 main (int argc, char *argv[])
 {
   const struct command *cmd;
+  const char *backup_option = NULL;     /* one given, for messages */
   char **operands;
   int c, nr_operands;
 
@@ -192,6 +250,28 @@ main (int argc, char *argv[])
       break;
     case JSON_OPTION:
       json_output = true;
+      break;
+    case BITMAP_ONLY_OPTION:
+      bitmap_only = true;
+      break;
+    case TO_OPTION:
+      backup_to = optarg;
+      backup_option = "--to";
+      break;
+    case SINCE_OPTION:
+      backup_since = optarg;
+      backup_option = "--since";
+      break;
+    case PROGRESS_OPTION:
+      if (optarg)
+        progress_fd = parse_number ("--progress", optarg, 0, INT_MAX);
+      else
+        progress_bar = true;
+      backup_option = "--progress";
+      break;
+    case REQUESTS_OPTION:
+      backup_requests = parse_number ("--requests", optarg, 1, 64);
+      backup_option = "--requests";
       break;
     case HELP_OPTION:
       usage (stdout, EXIT_SUCCESS);
@@ -231,6 +311,17 @@ main (int argc, char *argv[])
   if (nr_operands > cmd->max_operands)
     command_usage (cmd, "%s: unexpected operand '%s'",
                    cmd->name, operands[cmd->max_operands]);
+
+  if (cmd->run == run_backup) {
+    if (backup_to == NULL)
+      command_usage (cmd, "%s: missing --to FILE", cmd->name);
+  }
+  else if (backup_option)
+    command_usage (cmd, "%s: %s is an option of backup only",
+                   cmd->name, backup_option);
+  if (bitmap_only && strcmp (cmd->name, "create") != 0)
+    command_usage (cmd, "%s: --bitmap-only is an option of create only",
+                   cmd->name);
 
   /* Refuse a bad name here, without contacting the server. */
   if (cmd->name_operand) {

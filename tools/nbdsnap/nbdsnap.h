@@ -2,10 +2,11 @@
  *
  * main.c parses options and dispatches through the command table;
  * control.c talks to the filter's control socket; output.c prints
- * replies for humans or as JSON.  Results are written to the FILE *
- * passed in, a memory stream that main.c copies to stdout only when
- * the command succeeded, so a failure leaves stdout empty.  Errors go
- * to stderr as "nbdsnap: WHAT: WHY" and commands return -1.
+ * replies for humans or as JSON; backup.c copies an export, or its
+ * changed blocks, into a file over NBD.  Results are written to the
+ * FILE * passed in, a memory stream that main.c copies to stdout only
+ * when the command succeeded, so a failure leaves stdout empty.  Errors
+ * go to stderr as "nbdsnap: WHAT: WHY" and commands return -1.
  */
 #ifndef NBDSNAP_H
 #define NBDSNAP_H
@@ -18,11 +19,19 @@
 /* Options (set by main.c, read-only afterwards). */
 extern const char *control;     /* -c: socket or store dir; NULL: env */
 extern bool json_output;        /* --json: print replies as JSON */
+extern bool bitmap_only;        /* create --bitmap-only */
+/* Options of backup only (main.c refuses them with other commands). */
+extern const char *backup_to;   /* --to FILE; required */
+extern const char *backup_since; /* --since CHECKPOINT, or NULL: full */
+extern unsigned backup_requests; /* --requests N: reads in flight */
+extern bool progress_bar;       /* --progress: a bar even if not a tty */
+extern int progress_fd;         /* --progress=FD: "N/100" lines; or -1 */
 
 /* One command: "nbdsnap [OPTIONS] NAME OPERANDS...". */
 struct command {
   const char *name;             /* as typed; also the request's "cmd" */
   const char *operands;         /* synopsis of operands, for usage */
+  const char *options;          /* synopsis of its own options, or NULL */
   int min_operands, max_operands; /* how many operands are accepted */
   bool name_operand;            /* operand 0 is a checkpoint NAME */
   const char *description;      /* one line, for usage */
@@ -56,11 +65,20 @@ extern struct json *control_request (const struct command *cmd,
 /* Report a reply that lacks what the command needs. */
 extern void bad_reply (const struct command *cmd, const char *what);
 
+/* backup.c */
+/* The run function of backup: copy export operands[0], or with --since
+ * its changes, into --to FILE over NBD (no control socket).
+ */
+extern int run_backup (const struct command *cmd, char **operands,
+                       FILE *out);
+
 /* output.c */
 /* Print reply minus its "ok" member as one line of JSON. */
 extern int print_json_reply (const struct command *cmd,
                              const struct json *reply, FILE *out);
-/* Human output of list, info and create replies. */
+/* Human output of list, info, create and delete replies. */
+extern int print_delete (const struct command *cmd,
+                         const struct json *reply, FILE *out);
 extern int print_list (const struct command *cmd, const struct json *reply,
                        FILE *out);
 extern int print_info (const struct command *cmd, const struct json *reply,

@@ -92,6 +92,7 @@ struct checkpoint {
   const char *mode;             /* "row", ... */
   char created[64];             /* ISO 8601 */
   const char *export;           /* NULL if it has no export */
+  const char *dirty_export;     /* dirty/NAME, or NULL */
   uint64_t changed_blocks, changed_bytes, layer_bytes;
 };
 
@@ -146,6 +147,7 @@ get_checkpoint (const struct command *cmd, const struct json *v,
       !need_count (cmd, v, "layer_bytes", &cp->layer_bytes))
     return -1;
   cp->export = json_get_string (v, "export");
+  cp->dirty_export = json_get_string (v, "dirty_export");
 
   /* Prefer the server's rendering of the time; make one if absent. */
   iso = json_get_string (v, "created_iso");
@@ -222,6 +224,8 @@ print_info (const struct command *cmd, const struct json *reply, FILE *out)
   fprintf (out, "mode: %s\n", cp.mode);
   fprintf (out, "created: %s\n", cp.created);
   fprintf (out, "export: %s\n", cp.export ? cp.export : "(none)");
+  if (cp.dirty_export)
+    fprintf (out, "dirty export: %s\n", cp.dirty_export);
   fprintf (out, "changed blocks: %" PRIu64 "\n", cp.changed_blocks);
   fprintf (out, "changed bytes: %" PRIu64 " (%s)\n", cp.changed_bytes,
            human_size (h1, sizeof h1, cp.changed_bytes));
@@ -243,5 +247,17 @@ print_create (const struct command *cmd, const struct json *reply,
              cp.kind, cp.name, cp.export);
   else
     fprintf (out, "created %s '%s'\n", cp.kind, cp.name);
+  return 0;
+}
+
+int
+print_delete (const struct command *cmd, const struct json *reply,
+              FILE *out)
+{
+  const char *name;
+
+  if (!need_string (cmd, reply, "deleted", &name))
+    return -1;
+  fprintf (out, "deleted checkpoint '%s'\n", name);
   return 0;
 }
