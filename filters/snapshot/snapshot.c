@@ -78,8 +78,11 @@ snapshot_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   if (strcmp (key, "snapshot-block-size") == 0) {
     int64_t r = nbdkit_parse_size (value);
-    if (r == -1)
+    if (r == -1) {
+      nbdkit_error ("snapshot-block-size=%s: not a size (a power of 2 "
+                    "from 4K to 2M)", value);
       return -1;
+    }
     if (!is_power_of_2 (r) || r < 4096 || r > 2 * 1024 * 1024) {
       nbdkit_error ("snapshot-block-size=%s: must be a power of 2 from 4K "
                     "to 2M", value);
@@ -137,9 +140,16 @@ snapshot_thread_model (void)
 static int
 snapshot_get_ready (int thread_model)
 {
-  if (store_lock (store_param) == -1)
+  if (store_lock (store_param) == -1 || store_load () == -1)
     return -1;
-  return store_load ();
+  /* Refuse a duplicate before forking, so the command line says so. */
+  if (create_param &&
+      manifest_find_checkpoint (&store.m, create_param) >= 0) {
+    nbdkit_error ("snapshot-create=%s: checkpoint '%s' already exists",
+                  create_param, create_param);
+    return -1;
+  }
+  return 0;
 }
 
 int
