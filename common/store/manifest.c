@@ -43,6 +43,15 @@ manifest_format (const struct manifest *m, size_t *len)
       fprintf (fp, "checkpoint %s kind=bitmap created=%" PRIi64
                " map=%" PRIu64 "\n", c->name, c->created, c->map);
   }
+  if (m->origin_retired)
+    fprintf (fp, "origin retired\n");
+  if (m->job.kind == JOB_DELETE)
+    fprintf (fp, "job %" PRIu64 " delete %s strategy=%s keep-bitmap=%d "
+             "output=%s\n", m->job.id, m->job.name,
+             m->job.strategy == STRATEGY_COMMIT ? "commit" : "stream",
+             m->job.keep_bitmap, m->job.output[0] ? m->job.output : "-");
+  else if (m->job.kind == JOB_REVERT)
+    fprintf (fp, "job %" PRIu64 " revert %s\n", m->job.id, m->job.name);
   if (fflush (fp) == EOF) {
     fclose (fp);
     free (buf);
@@ -183,6 +192,43 @@ manifest_parse (const char *where, const char *text, size_t len,
         snap_error ("%s: %m", where);
         goto err;
       }
+      continue;
+    }
+
+    if (strcmp (key, "job") == 0) {
+      struct manifest_job *j = &m->job;
+      char strat[16], out[4096];
+      int kb, end = -1;
+      if (j->kind != JOB_NONE) {
+        snap_error ("%s: line %d: a second job", where, lineno);
+        goto err;
+      }
+      if (sscanf (line, "job %" SCNu64 " delete %65s strategy=%15s "
+                  "keep-bitmap=%d output=%4095s%n",
+                  &j->id, j->name, strat, &kb, out, &end) == 5 &&
+          end >= 0 && line[end] == '\0' &&
+          (strcmp (strat, "commit") == 0 || strcmp (strat, "stream") == 0)) {
+        j->kind = JOB_DELETE;
+        j->strategy = strcmp (strat, "commit") == 0
+          ? STRATEGY_COMMIT : STRATEGY_STREAM;
+        j->keep_bitmap = kb != 0;
+        if (strcmp (out, "-") != 0)
+          strcpy (j->output, out);
+      }
+      else if ((end = -1,
+                sscanf (line, "job %" SCNu64 " revert %65s%n",
+                        &j->id, j->name, &end) == 2) &&
+               end >= 0 && line[end] == '\0')
+        j->kind = JOB_REVERT;
+      else {
+        snap_error ("%s: line %d: bad job line", where, lineno);
+        goto err;
+      }
+      continue;
+    }
+    if (strcmp (key, "origin") == 0 && n == 2 &&
+        strcmp (arg, "retired") == 0) {
+      m->origin_retired = true;
       continue;
     }
 
@@ -379,4 +425,34 @@ manifest_remove_checkpoint (struct manifest *m, size_t i)
   memmove (&m->ckpts[i], &m->ckpts[i + 1],
            (m->nckpts - i - 1) * sizeof m->ckpts[0]);
   m->nckpts--;
+}
+
+int
+manifest_dup (const struct manifest *src, struct manifest *dst)
+{
+  *dst = *src;
+  dst->layers = malloc ((src->nlayers + 1) * sizeof *dst->layers);
+  dst->ckpts = malloc ((src->nckpts + 1) * sizeof *dst->ckpts);
+  if (dst->layers == NULL || dst->ckpts == NULL) {
+    free (dst->layers);
+    free (dst->ckpts);
+    dst->layers = NULL;
+    dst->ckpts = NULL;
+    return -1;
+  }
+  memcpy (dst->layers, src->layers, src->nlayers * sizeof *dst->layers);
+  memcpy (dst->ckpts, src->ckpts, src->nckpts * sizeof *dst->ckpts);
+  return 0;
+}
+
+void
+manifest_remove_layer (struct manifest *m, uint64_t id)
+{
+  for (size_t i = 0; i < m->nlayers; ++i)
+    if (m->layers[i] == id) {
+      memmove (&m->layers[i], &m->layers[i + 1],
+               (m->nlayers - i - 1) * sizeof m->layers[0]);
+      m->nlayers--;
+      return;
+    }
 }

@@ -26,7 +26,12 @@
  * bit per block set for each block written from the time it was taken
  * until the next checkpoint was taken; the blocks changed since
  * checkpoint C are the union of the maps of C and every newer one.
- * Ids of layers and maps come from one counter, next-id.  The crc line
+ * Ids of layers, maps and jobs come from one counter, next-id.
+ *
+ * Optional lines: "origin retired" once a stream has made the oldest
+ * layer complete; "job ID delete NAME strategy=commit|stream
+ * keep-bitmap=0|1 output=PATH|-" or "job ID revert NAME" while a
+ * background job runs (output paths contain no white space).  The crc line
  * is the CRC-32 (util.h) of every byte before it.
  *
  * Thread safety: none; the filter serialises manifest changes.
@@ -55,6 +60,21 @@ struct manifest_checkpoint {
   uint64_t map;                 /* Id of its dirty map. */
 };
 
+/* The background job in progress, if any (the journal: a job named
+ * here is resumed after a crash; its work is idempotent).
+ */
+enum job_kind { JOB_NONE = 0, JOB_DELETE, JOB_REVERT };
+enum job_strategy { STRATEGY_COMMIT = 0, STRATEGY_STREAM };
+
+struct manifest_job {
+  enum job_kind kind;
+  uint64_t id;
+  char name[SNAP_NAME_MAX + 1]; /* the snapshot */
+  enum job_strategy strategy;   /* JOB_DELETE */
+  bool keep_bitmap;             /* JOB_DELETE */
+  char output[4096];            /* JOB_DELETE stream: final name, or "" */
+};
+
 struct manifest {
   uint64_t generation;
   enum snap_mode mode;
@@ -65,6 +85,9 @@ struct manifest {
   uint64_t *layers;             /* Layer ids, oldest first, increasing. */
   size_t nckpts;
   struct manifest_checkpoint *ckpts; /* Oldest first. */
+  bool origin_retired;          /* the oldest layer is complete: the
+                                   origin is never read again */
+  struct manifest_job job;
 };
 
 /* Render m as text (malloc'd, *len set).  NULL with errno on ENOMEM. */
@@ -89,6 +112,14 @@ extern int manifest_load (const char *dir, struct manifest *m)
  */
 extern int manifest_save (const char *dir, struct manifest *m)
   __attribute__ ((__nonnull__ (1, 2)));
+
+/* Deep copy src into dst.  Return 0, or -1 with errno set. */
+extern int manifest_dup (const struct manifest *src, struct manifest *dst)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Remove layer id if present. */
+extern void manifest_remove_layer (struct manifest *m, uint64_t id)
+  __attribute__ ((__nonnull__ (1)));
 
 /* Free the arrays of m. */
 extern void manifest_free (struct manifest *m)

@@ -80,6 +80,14 @@ main (void)
     assert (manifest_add_checkpoint (&m, &c3) == 0);
   }
 
+  m.origin_retired = true;
+  m.job.kind = JOB_DELETE;
+  m.job.id = 9;
+  strcpy (m.job.name, "nightly");
+  m.job.strategy = STRATEGY_STREAM;
+  m.job.keep_bitmap = true;
+  strcpy (m.job.output, "/var/tmp/new.img");
+
   /* Round trip through text. */
   text = manifest_format (&m, &len);
   assert (text);
@@ -96,6 +104,20 @@ main (void)
   assert (m2.ckpts[2].map == 5);
   assert (manifest_find_checkpoint (&m2, "nightly") == 0);
   assert (manifest_find_checkpoint (&m2, "nope") == -1);
+  assert (m2.origin_retired);
+  assert (m2.job.kind == JOB_DELETE && m2.job.id == 9);
+  assert (strcmp (m2.job.name, "nightly") == 0);
+  assert (m2.job.strategy == STRATEGY_STREAM && m2.job.keep_bitmap);
+  assert (strcmp (m2.job.output, "/var/tmp/new.img") == 0);
+  {
+    struct manifest m3;
+    assert (manifest_dup (&m2, &m3) == 0);
+    manifest_remove_layer (&m3, 1);
+    assert (m3.nlayers == 1 && m3.layers[0] == 4);
+    assert (m2.nlayers == 2 && m2.layers[0] == 1);   /* a real copy */
+    assert (m3.nckpts == 3 && m3.ckpts != m2.ckpts);
+    manifest_free (&m3);
+  }
   manifest_remove_checkpoint (&m2, 1);
   assert (m2.nckpts == 2 && strcmp (m2.ckpts[1].name, "a.b-c_9") == 0);
   manifest_free (&m2);
@@ -142,6 +164,16 @@ main (void)
   expect_error (s, "next-id 2 is not above");
   free (s);
   expect_error ("nbdkit-snapshot-store 1\ncrc 0x00000000\n", "damaged");
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\n"
+                "job 1 revert a\njob 2 revert b\n");
+  expect_error (s, "a second job");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\n"
+                "job 1 delete a strategy=sideways keep-bitmap=0 output=-\n");
+  expect_error (s, "bad job line");
+  free (s);
   s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
                 "block-size 4096\nsize 1\nnext-id 3\ncheckpoint x "
                 "kind=snapshot created=1 layer=1 map=7\n");

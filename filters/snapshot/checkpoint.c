@@ -234,6 +234,19 @@ ckpt_mark (uint64_t offset, uint64_t count)
   return ckpt_map_persist (d);
 }
 
+int
+ckpt_mark_range (uint64_t offset, uint64_t count)
+{
+  uint64_t first, last;
+
+  if (store.m.nckpts == 0 || count == 0)
+    return 0;
+  first = offset / store.block_size;
+  last = (offset + count - 1) / store.block_size;
+  return sbitmap_set_range (&store.maps[store.m.nckpts - 1]->bm, first,
+                            last - first + 1) == -1 ? -1 : 0;
+}
+
 /* ---- Queries ---- */
 
 uint64_t
@@ -287,47 +300,74 @@ ckpt_count_changed (size_t from, size_t to)
   return n;
 }
 
-/* ---- Deleting a bitmap-only checkpoint ---- */
+/* ---- Deleting a checkpoint ---- */
+
+int
+ckpt_fold (size_t i)
+{
+  struct ckpt_map *d = store.maps[i], *older;
+  CLEANUP_FREE char *opath = NULL;
+  uint64_t b;
+
+  if (i == 0)
+    return 0;                   /* Nothing older needs its bits. */
+  older = store.maps[i - 1];
+  opath = ckpt_map_path (older->id);
+  if (opath == NULL)
+    return -1;
+  b = sbitmap_find_next_set (&d->bm, 0);
+  while (b < store.nblocks) {
+    uint64_t e = sbitmap_find_next_clear (&d->bm, b);
+    if (sbitmap_set_range (&older->bm, b, e - b) == -1)
+      return -1;
+    b = sbitmap_find_next_set (&d->bm, e);
+  }
+  if (older->fd == -1) {
+    int r;
+    older->fd = open (opath, O_RDWR | O_CLOEXEC);
+    if (older->fd == -1)
+      return -1;
+    r = ckpt_map_write (older);
+    /* It stays frozen unless it becomes the active map. */
+    if (i != store.m.nckpts - 1) {
+      int e = errno;
+      close (older->fd);
+      older->fd = -1;
+      errno = e;
+    }
+    return r;
+  }
+  return ckpt_map_write (older);
+}
+
+void
+ckpt_forget (size_t i, size_t nckpts)
+{
+  struct ckpt_map *d = store.maps[i];
+  CLEANUP_FREE char *path = ckpt_map_path (d->id);
+
+  memmove (&store.maps[i], &store.maps[i + 1],
+           (nckpts - i - 1) * sizeof store.maps[0]);
+  ckpt_map_free (d);
+  if (path)
+    unlink (path);
+}
 
 int
 ckpt_delete_bitmap (size_t i, char **errmsg)
 {
-  struct ckpt_map *d = store.maps[i];
-  CLEANUP_FREE char *path = ckpt_map_path (d->id);
+  const size_t nckpts = store.m.nckpts;
   struct manifest_checkpoint saved = store.m.ckpts[i];
 
-  assert (store.m.ckpts[i].kind == CKPT_BITMAP);
-
-  /* Fold its bits into the next older map, durably, first. */
-  if (i > 0) {
-    struct ckpt_map *older = store.maps[i - 1];
-    CLEANUP_FREE char *opath = ckpt_map_path (older->id);
-    bool newest = i == store.m.nckpts - 1;
-    uint64_t b = sbitmap_find_next_set (&d->bm, 0);
-
-    while (b < store.nblocks) {
-      uint64_t e = sbitmap_find_next_clear (&d->bm, b);
-      if (sbitmap_set_range (&older->bm, b, e - b) == -1)
-        goto err;
-      b = sbitmap_find_next_set (&d->bm, e);
-    }
-    if (older->fd == -1) {
-      older->fd = open (opath, O_RDWR | O_CLOEXEC);
-      if (older->fd == -1)
-        goto err;
-    }
-    if (ckpt_map_write (older) == -1)
-      goto err;
-    if (!newest) {             /* It stays frozen. */
-      close (older->fd);
-      older->fd = -1;
-    }
-  }
-
+  assert (saved.kind == CKPT_BITMAP);
+  /* Fold its bits into the next older map, durably, first: a crash
+   * after this leaves extra bits, never missing ones.
+   */
+  if (ckpt_fold (i) == -1)
+    goto err;
   manifest_remove_checkpoint (&store.m, i);
   if (manifest_save (store.dir, &store.m) == -1) {
     int e = errno;
-    /* Put it back: on disk nothing changed but the extra bits. */
     memmove (&store.m.ckpts[i + 1], &store.m.ckpts[i],
              (store.m.nckpts - i) * sizeof store.m.ckpts[0]);
     store.m.ckpts[i] = saved;
@@ -335,15 +375,11 @@ ckpt_delete_bitmap (size_t i, char **errmsg)
     errno = e;
     goto err;
   }
-  memmove (&store.maps[i], &store.maps[i + 1],
-           (store.m.nckpts - i) * sizeof store.maps[0]);
-  ckpt_map_free (d);
-  if (path)
-    unlink (path);
+  ckpt_forget (i, nckpts);
   return 0;
 
  err:
-  asprintf (errmsg, "cannot delete checkpoint '%s': %s",
-            saved.name, strerror (errno));
+  set_errmsg (errmsg, "cannot delete checkpoint '%s': %s",
+              saved.name, strerror (errno));
   return -1;
 }

@@ -219,25 +219,240 @@ cmd_create (const struct json *req)
 }
 
 static char *
+ok_job_reply (const struct job *j);
+
+static char *
 cmd_delete (const struct json *req)
 {
   char *reply = NULL;
   const char *name = get_name (req, &reply);
+  const char *strategy = json_get_string (req, "strategy");
+  const char *output = json_get_string (req, "output");
+  bool keep_bitmap = false;
   CLEANUP_FREE char *errmsg = NULL;
-  struct jw w;
+  uint64_t commit_bytes, stream_bytes, id;
+  ssize_t i;
+  int strat = -1;
+  bool is_snapshot;
 
   if (name == NULL)
     return reply;
-  if (store_delete_checkpoint (name, &errmsg) == -1)
+  if (json_get (req, "keep_bitmap") &&
+      !json_get_bool (req, "keep_bitmap", &keep_bitmap))
+    return error_reply ("invalid request: \"keep_bitmap\" must be true "
+                        "or false");
+  if (strategy == NULL || strcmp (strategy, "auto") == 0)
+    strat = -1;
+  else if (strcmp (strategy, "commit") == 0)
+    strat = STRATEGY_COMMIT;
+  else if (strcmp (strategy, "stream") == 0)
+    strat = STRATEGY_STREAM;
+  else
+    return error_reply ("invalid strategy '%s': expected auto, commit or "
+                        "stream", strategy);
+  if (output) {
+    struct stat st;
+    if (output[0] != '/')
+      return error_reply ("--output=%s: the path must be absolute", output);
+    if (strpbrk (output, " \t\n\r") || strlen (output) >= 4096)
+      return error_reply ("--output=%s: the path must be shorter than "
+                          "4096 bytes and contain no white space", output);
+    if (lstat (output, &st) == 0)
+      return error_reply ("--output=%s: the file exists; the final image "
+                          "is never written over an existing file", output);
+  }
+  if (job_busy (name, &errmsg))
+    return error_reply ("%s", errmsg ? errmsg : "a job is running");
+
+  {
+    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    i = manifest_find_checkpoint (&store.m, name);
+    if (i == -1)
+      return error_reply ("no checkpoint named '%s'", name);
+    is_snapshot = store.m.ckpts[i].kind == CKPT_SNAPSHOT;
+  }
+  if (!is_snapshot) {
+    struct jw w;
+    if (strategy || output || keep_bitmap)
+      return error_reply ("'%s' is a bitmap-only checkpoint: it has no data "
+                          "to merge (--strategy, --output and --keep-bitmap "
+                          "apply to snapshots)", name);
+    if (store_delete_checkpoint (name, &errmsg) == -1)
+      return error_reply ("%s", errmsg ? errmsg : "out of memory");
+    jw_init (&w);
+    jw_begin_object (&w);
+    jw_key (&w, "ok");
+    jw_bool (&w, true);
+    jw_key (&w, "deleted");
+    jw_string (&w, name);
+    jw_end_object (&w);
+    return jw_finish (&w);
+  }
+
+  id = job_start_delete (name, strat, output, keep_bitmap,
+                         origin_writable (), &commit_bytes, &stream_bytes,
+                         &errmsg);
+  if (id == 0)
     return error_reply ("%s", errmsg ? errmsg : "out of memory");
+  {
+    /* The job may have finished already: find it in the list. */
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    return ok_job_reply (job_find (id));
+  }
+}
+
+static char *
+cmd_revert (const struct json *req)
+{
+  char *reply = NULL;
+  const char *name = get_name (req, &reply);
+  CLEANUP_FREE char *errmsg = NULL;
+  uint64_t id;
+
+  if (name == NULL)
+    return reply;
+  if (job_busy (name, &errmsg))
+    return error_reply ("%s", errmsg ? errmsg : "a job is running");
+  id = job_start_revert (name, &errmsg);
+  if (id == 0)
+    return error_reply ("%s", errmsg ? errmsg : "out of memory");
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    return ok_job_reply (job_find (id));
+  }
+}
+
+static const char *const state_names[] = {
+  "running", "done", "failed", "cancelled",
+};
+
+/* Describe job j as JSON members (store.job_lock held). */
+static void
+describe_job (struct jw *w, const struct job *j)
+{
+  uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
+  int64_t end = j->state == JOB_STATE_RUNNING ? job_now_ns ()
+    : j->finished_ns;
+  double secs = (end - j->started_ns) / 1e9;
+  double rate = secs > 0 ? done / secs : 0;
+
+  jw_key (w, "id");
+  jw_uint (w, j->id);
+  jw_key (w, "kind");
+  jw_string (w, j->kind == JOB_REVERT ? "revert" : "delete");
+  jw_key (w, "name");
+  jw_string (w, j->name);
+  if (j->kind == JOB_DELETE) {
+    jw_key (w, "strategy");
+    jw_string (w, j->strategy == STRATEGY_COMMIT ? "commit" : "stream");
+    jw_key (w, "commit_bytes");
+    jw_uint (w, j->commit_bytes);
+    jw_key (w, "stream_bytes");
+    jw_uint (w, j->stream_bytes);
+    jw_key (w, "keep_bitmap");
+    jw_bool (w, j->keep_bitmap);
+    jw_key (w, "output");
+    jw_string (w, j->output[0] ? j->output : NULL);
+  }
+  jw_key (w, "state");
+  jw_string (w, state_names[j->state]);
+  jw_key (w, "resumed");
+  jw_bool (w, j->resumed);
+  jw_key (w, "bytes_done");
+  jw_uint (w, done);
+  jw_key (w, "bytes_total");
+  jw_uint (w, j->bytes_total);
+  jw_key (w, "elapsed_seconds");
+  jw_double (w, secs);
+  jw_key (w, "rate_bytes_per_second");
+  jw_uint (w, (uint64_t) rate);
+  jw_key (w, "eta_seconds");
+  if (j->state == JOB_STATE_RUNNING && rate > 0 && j->bytes_total >= done)
+    jw_double (w, (j->bytes_total - done) / rate);
+  else if (j->state == JOB_STATE_RUNNING)
+    jw_null (w);
+  else
+    jw_int (w, 0);
+  jw_key (w, "error");
+  jw_string (w, j->error);
+}
+
+static char *
+ok_job_reply (const struct job *j)
+{
+  struct jw w;
+
+  if (j == NULL)
+    return error_reply ("the job has vanished");
   jw_init (&w);
   jw_begin_object (&w);
   jw_key (&w, "ok");
   jw_bool (&w, true);
-  jw_key (&w, "deleted");
-  jw_string (&w, name);
+  jw_key (&w, "job");
+  jw_begin_object (&w);
+  describe_job (&w, j);
+  jw_end_object (&w);
   jw_end_object (&w);
   return jw_finish (&w);
+}
+
+static void
+list_one_job (const struct job *j, void *opaque)
+{
+  struct jw *w = opaque;
+
+  jw_begin_object (w);
+  describe_job (w, j);
+  jw_end_object (w);
+}
+
+static char *
+cmd_jobs (const struct json *req)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+  struct jw w;
+
+  jw_init (&w);
+  jw_begin_object (&w);
+  jw_key (&w, "ok");
+  jw_bool (&w, true);
+  jw_key (&w, "jobs");
+  jw_begin_array (&w);
+  job_list (list_one_job, &w);
+  jw_end_array (&w);
+  jw_end_object (&w);
+  return jw_finish (&w);
+}
+
+/* The "job" member: a job id. */
+static bool
+get_job_id (const struct json *req, uint64_t *id, char **reply)
+{
+  int64_t v;
+
+  if (!json_get_int (req, "job", &v) || v <= 0) {
+    *reply = error_reply ("invalid request: \"job\" must be a job id");
+    return false;
+  }
+  *id = v;
+  return true;
+}
+
+static char *
+cmd_cancel (const struct json *req)
+{
+  CLEANUP_FREE char *errmsg = NULL;
+  char *reply = NULL;
+  uint64_t id;
+
+  if (!get_job_id (req, &id, &reply))
+    return reply;
+  if (job_cancel (id, &errmsg) == -1)
+    return error_reply ("%s", errmsg ? errmsg : "out of memory");
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    return ok_job_reply (job_find (id));
+  }
 }
 
 static const struct {
@@ -248,6 +463,9 @@ static const struct {
   { "info", cmd_info },
   { "create", cmd_create },
   { "delete", cmd_delete },
+  { "revert", cmd_revert },
+  { "jobs", cmd_jobs },
+  { "cancel", cmd_cancel },
 };
 
 /* Handle one request line; return the reply (malloc'd) or NULL. */

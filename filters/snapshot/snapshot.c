@@ -34,8 +34,9 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_verbose = 0;
  * thread (to flush the origin when the first snapshot freezes it).
  * Protected by bg_lock.
  */
-static nbdkit_next *bg_next;
-static pthread_mutex_t bg_lock = PTHREAD_MUTEX_INITIALIZER;
+nbdkit_next *bg_next;
+pthread_mutex_t bg_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool bg_writable;        /* bg_next was opened read-write */
 
 /* common/ code reports errors through these. */
 void
@@ -152,6 +153,76 @@ snapshot_get_ready (int thread_model)
   return 0;
 }
 
+/* nbdkit 1.32 does not tell filters about -r, and the background
+ * context is opened before any connection says: read it from our own
+ * command line.  nbdkit options that take an argument are skipped with
+ * it; the first operand (the plugin) ends the options.
+ */
+static bool
+server_readonly (void)
+{
+  static const char with_arg[] = "DegiPptUu";
+  static const char *const long_with_arg[] = {
+    "--debug", "--exportname", "--filter", "--group", "--ipaddr", "--log",
+    "--mask-handshake", "--pidfile", "--port", "--run", "--selinux-label",
+    "--threads", "--timeout", "--tls", "--tls-certificates", "--tls-psk",
+    "--tls-verify-peer", "--unix", "--user", "--vsock", NULL
+  };
+  CLEANUP_FREE char *buf = NULL;
+  size_t len = 0;
+  FILE *fp = fopen ("/proc/self/cmdline", "r");
+  bool ro = false;
+
+  if (fp == NULL)
+    return false;
+  if (getdelim (&buf, &len, '\0', fp) == -1) {   /* argv[0] */
+    fclose (fp);
+    return false;
+  }
+  while (getdelim (&buf, &len, '\0', fp) != -1) {
+    if (strcmp (buf, "-r") == 0 || strcmp (buf, "--readonly") == 0 ||
+        strcmp (buf, "--read-only") == 0) {
+      ro = true;
+      continue;
+    }
+    if (strncmp (buf, "--", 2) == 0) {
+      if (strcmp (buf, "--") == 0)
+        break;
+      if (strchr (buf, '=') == NULL)
+        for (size_t i = 0; long_with_arg[i]; ++i)
+          if (strcmp (buf, long_with_arg[i]) == 0) {
+            if (getdelim (&buf, &len, '\0', fp) == -1)
+              goto out;
+            break;
+          }
+      continue;
+    }
+    if (buf[0] != '-' || buf[1] == '\0')
+      break;                    /* The plugin name: options end. */
+    for (size_t i = 1; buf[i]; ++i) {
+      if (buf[i] == 'r')
+        ro = true;
+      if (strchr (with_arg, buf[i])) {
+        if (buf[i + 1] == '\0' && getdelim (&buf, &len, '\0', fp) == -1)
+          goto out;
+        break;
+      }
+    }
+  }
+ out:
+  fclose (fp);
+  return ro;
+}
+
+bool
+origin_writable (void)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
+
+  return bg_writable && bg_next && bg_next->can_write (bg_next) == 1 &&
+    !server_readonly ();
+}
+
 int
 flush_origin_bg (void)
 {
@@ -178,6 +249,7 @@ snapshot_after_fork (nbdkit_backend *backend)
    * snapshot exists).
    */
   bg_next = nbdkit_next_context_open (backend, 0, "", 0);
+  bg_writable = bg_next != NULL;
   if (bg_next == NULL)
     bg_next = nbdkit_next_context_open (backend, 1, "", 0);
   if (bg_next == NULL) {
@@ -203,13 +275,16 @@ snapshot_after_fork (nbdkit_backend *backend)
       return -1;
     }
   }
-  return control_start (control_param);
+  if (control_start (control_param) == -1)
+    return -1;
+  return job_resume ();
 }
 
 static void
 snapshot_cleanup (nbdkit_backend *backend)
 {
   control_stop ();
+  job_stop ();
   if (bg_next) {
     bg_next->finalize (bg_next);
     nbdkit_next_context_close (bg_next);

@@ -68,12 +68,15 @@ store_lock (const char *dir)
   pthread_rwlockattr_destroy (&attr);
   rangelock_init (&store.pages);
   pthread_mutex_init (&store.control_lock, NULL);
+  pthread_mutex_init (&store.job_lock, NULL);
+  pthread_cond_init (&store.job_cond, NULL);
+  store.revert_depth = -1;
   return 0;
 }
 
 /* ---- Layers ---- */
 
-static char *
+char *
 layer_path (uint64_t id, const char *ext)
 {
   char *path;
@@ -83,7 +86,7 @@ layer_path (uint64_t id, const char *ext)
   return path;
 }
 
-static void
+void
 layer_free (struct layer *l)
 {
   if (l == NULL)
@@ -150,7 +153,7 @@ layer_open (uint64_t id, bool newest)
 }
 
 /* Create new empty layer id: O(1) whatever the volume size. */
-static struct layer *
+struct layer *
 layer_create (uint64_t id)
 {
   CLEANUP_FREE char *data = layer_path (id, "data");
@@ -414,6 +417,12 @@ store_create_checkpoint (const char *name, bool bitmap_only,
   }
   if (manifest_find_checkpoint (&store.m, name) >= 0) {
     set_errmsg (errmsg, "checkpoint '%s' already exists", name);
+    return -1;
+  }
+  if (!bitmap_only && store.revert_depth >= 0) {
+    set_errmsg (errmsg, "a revert to '%s' is in progress (job %" PRIu64
+                "): wait for it before taking a snapshot",
+                store.m.job.name, store.m.job.id);
     return -1;
   }
 

@@ -86,6 +86,29 @@ struct ckpt_map {
   unsigned refs;                /* atomic: connections using it */
 };
 
+/* A background job (job.c). */
+enum job_state { JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_FAILED,
+                 JOB_STATE_CANCELLED };
+
+struct job {
+  uint64_t id;
+  enum job_kind kind;           /* JOB_DELETE or JOB_REVERT */
+  char name[SNAP_NAME_MAX + 1]; /* the snapshot */
+  enum job_strategy strategy;   /* delete: commit or stream */
+  bool keep_bitmap;
+  char output[4096];
+  uint64_t commit_bytes, stream_bytes; /* delete: the two costs */
+  int state;                    /* enum job_state */
+  uint64_t bytes_total;
+  uint64_t bytes_done;          /* atomic */
+  int64_t started_ns, finished_ns;
+  char *error;                  /* failed: why */
+  bool cancel, shutdown;        /* atomic requests to stop */
+  bool resumed;                 /* resumed after a restart */
+  size_t upper;                 /* delete: layer indexes of the plan; */
+  ssize_t lower;                /* lower < 0 means the origin */
+};
+
 struct store {
   char *dir;                    /* absolute path */
   int lock_fd;                  /* flock'd DIR/lock */
@@ -102,6 +125,17 @@ struct store {
 
   struct rangelock pages;
   pthread_mutex_t control_lock;
+
+  /* While a revert runs, live reads of pages the newest layer lacks
+   * come from this many layers (the reverted-to snapshot's view)
+   * instead of the layers below; else -1.  Changes only with lock held
+   * exclusively.
+   */
+  ssize_t revert_depth;
+
+  pthread_mutex_t job_lock;     /* protects job and the job history */
+  pthread_cond_t job_cond;      /* broadcast when a job ends */
+  struct job *job;              /* the running job, or NULL */
 };
 
 /* The one store of this nbdkit process. */
@@ -136,6 +170,13 @@ extern void store_close (void);
 /* Number of layers in snapshot S's view (the store lock must be held). */
 extern size_t store_snapshot_depth (const struct manifest_checkpoint *s)
   __attribute__ ((__nonnull__ (1)));
+
+/* Layer files: path of layer id's "data" or "map" (malloc'd); create
+ * a new empty layer (O(1)); free one (closing its files).
+ */
+extern char *layer_path (uint64_t id, const char *ext);
+extern struct layer *layer_create (uint64_t id);
+extern void layer_free (struct layer *l);
 
 /* Make the writes to layer l durable (see "Ordering" above).  Return 0,
  * or -1 with errno set.
@@ -183,6 +224,11 @@ extern int ckpt_persist_active (void);
  */
 extern int ckpt_mark (uint64_t offset, uint64_t count);
 
+/* Mark blocks in the active map without syncing (the caller then calls
+ * ckpt_persist_active).  Return 0, or -1 with errno set.
+ */
+extern int ckpt_mark_range (uint64_t offset, uint64_t count);
+
 /* Is block b changed between checkpoints from and to (exclusive)?  Set
  * *changed and return the first block at or after b (at most limit)
  * where that answer differs.
@@ -192,6 +238,16 @@ extern uint64_t ckpt_run (size_t from, size_t to, uint64_t b,
 
 /* Number of blocks changed between checkpoints from and to (exclusive). */
 extern uint64_t ckpt_count_changed (size_t from, size_t to);
+
+/* Fold the bits of checkpoint i into the next older map, durably
+ * (store.lock exclusive).  Return 0, or -1 with errno set.
+ */
+extern int ckpt_fold (size_t i);
+
+/* After the manifest no longer names checkpoint i (it had nckpts):
+ * drop its map from store.maps and delete its file.
+ */
+extern void ckpt_forget (size_t i, size_t nckpts);
 
 /* Delete bitmap-only checkpoint i (store.lock exclusive). */
 extern int ckpt_delete_bitmap (size_t i, char **errmsg);
@@ -240,7 +296,52 @@ extern void control_stop (void);
 struct jw;
 extern void describe_checkpoint (struct jw *w, size_t i);
 
-/* Background context on the origin (snapshot.c); NULL if unavailable. */
+/* The background context on the origin (snapshot.c), and the lock that
+ * serialises its use.
+ */
+extern nbdkit_next *bg_next;
+extern pthread_mutex_t bg_lock;
 extern int flush_origin_bg (void);
+
+/* Whether the origin can be written by a job: the background context
+ * is writable and nbdkit was not started with -r.
+ */
+extern bool origin_writable (void);
+
+/* ---- job.c ---- */
+
+/* Whether a job runs; if so set *errmsg (naming the job, or saying
+ * that snapshot name already has one) and return true.
+ */
+extern bool job_busy (const char *name, char **errmsg);
+
+/* Start deleting snapshot name (strategy: STRATEGY_* or -1 for auto).
+ * Sets the two costs.  Return the job's id, or 0 with *errmsg set.
+ */
+extern uint64_t job_start_delete (const char *name, int strategy,
+                                     const char *output, bool keep_bitmap,
+                                     bool origin_writable,
+                                     uint64_t *commit_bytes,
+                                     uint64_t *stream_bytes, char **errmsg);
+extern uint64_t job_start_revert (const char *name, char **errmsg);
+
+/* Resume the job the manifest names, if any (at start-up). */
+extern int job_resume (void);
+
+/* Ask running job id to stop.  Return 0, or -1 with *errmsg set. */
+extern int job_cancel (uint64_t id, char **errmsg);
+
+/* Stop the job thread at shutdown (the journal keeps the job). */
+extern void job_stop (void);
+
+/* Call fn for every job, finished ones first (store.job_lock held). */
+extern void job_list (void (*fn) (const struct job *j, void *opaque),
+                      void *opaque);
+
+/* Job id, running or finished (store.job_lock held), or NULL. */
+extern const struct job *job_find (uint64_t id);
+
+/* The clock jobs are timed with, in nanoseconds. */
+extern int64_t job_now_ns (void);
 
 #endif /* SNAPSHOT_STORE_H */

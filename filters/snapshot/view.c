@@ -41,6 +41,20 @@ view_source (size_t n, uint64_t p, uint64_t limit, uint64_t *run_end)
   int src = -1;
   uint64_t end = limit;
 
+  /* While a revert runs, the live view is the newest layer over the
+   * reverted-to snapshot's view (see job.c).
+   */
+  if (n > 0 && n == store.nlayers && store.revert_depth >= 0) {
+    const struct sbitmap *top = &store.layers[n - 1]->map;
+    if (sbitmap_test (top, p)) {
+      *run_end = MIN (limit, sbitmap_find_next_clear (top, p));
+      return n - 1;
+    }
+    return view_source (store.revert_depth, p,
+                        MIN (limit, sbitmap_find_next_set (top, p)),
+                        run_end);
+  }
+
   for (size_t i = n; i-- > 0; )
     if (sbitmap_test (&store.layers[i]->map, p)) {
       src = i;
@@ -262,7 +276,11 @@ top_write_partial (nbdkit_next *next, const void *buf, uint32_t count,
     __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
     return 0;
   }
-  if (view_pread (next, n - 1, page, plen, poff, err) == -1)
+  /* Below the newest layer: the layers under it, or during a revert
+   * the reverted-to snapshot's view.
+   */
+  if (view_pread (next, store.revert_depth >= 0 ? (size_t) store.revert_depth
+                  : n - 1, page, plen, poff, err) == -1)
     return -1;
   memcpy (page + (offset - poff), buf ? buf : zero_page, count);
   if (full_pwrite (top->data_fd, page, plen, poff) == -1)

@@ -40,9 +40,27 @@ static const struct command commands[] = {
     .description = "take snapshot (or bitmap-only checkpoint) NAME now",
     .run = run_control, .print = print_create },
   { .name = "delete", .operands = "NAME",
+    .options = "[--strategy=auto|commit|stream] [--output=FILE] "
+               "[--keep-bitmap]",
     .min_operands = 1, .max_operands = 1, .name_operand = true,
-    .description = "delete bitmap-only checkpoint NAME",
-    .run = run_control, .print = print_delete },
+    .description = "delete checkpoint NAME (a snapshot: merge its data)",
+    .run = run_delete },
+  { .name = "revert", .operands = "NAME",
+    .min_operands = 1, .max_operands = 1, .name_operand = true,
+    .description = "make the live volume snapshot NAME",
+    .run = run_control, .print = print_job_started },
+  { .name = "jobs", .operands = "",
+    .min_operands = 0, .max_operands = 0,
+    .description = "list background jobs",
+    .run = run_control, .print = print_jobs },
+  { .name = "wait", .operands = "[JOB]", .options = "[--progress[=FD]]",
+    .min_operands = 0, .max_operands = 1,
+    .description = "wait for job JOB (default: every running job)",
+    .run = run_wait },
+  { .name = "cancel", .operands = "JOB",
+    .min_operands = 1, .max_operands = 1,
+    .description = "stop job JOB, leaving every view intact",
+    .run = run_cancel },
   { .name = "backup", .operands = "URI",
     .options = "--to FILE [--since CHECKPOINT] [--progress[=FD]] "
                "[--requests N]",
@@ -54,6 +72,9 @@ static const struct command commands[] = {
 
 enum {
   BITMAP_ONLY_OPTION = CHAR_MAX + 1,
+  KEEP_BITMAP_OPTION,
+  OUTPUT_OPTION,
+  STRATEGY_OPTION,
   HELP_OPTION,
   JSON_OPTION,
   LONG_OPTIONS,
@@ -67,6 +88,9 @@ enum {
 static const char short_options[] = "c:V";
 static const struct option long_options[] = {
   { "bitmap-only",   no_argument,       NULL, BITMAP_ONLY_OPTION },
+  { "keep-bitmap",   no_argument,       NULL, KEEP_BITMAP_OPTION },
+  { "output",        required_argument, NULL, OUTPUT_OPTION },
+  { "strategy",      required_argument, NULL, STRATEGY_OPTION },
   { "control",       required_argument, NULL, 'c' },
   { "help",          no_argument,       NULL, HELP_OPTION },
   { "json",          no_argument,       NULL, JSON_OPTION },
@@ -230,6 +254,7 @@ main (int argc, char *argv[])
 {
   const struct command *cmd;
   const char *backup_option = NULL;     /* one given, for messages */
+  const char *delete_option = NULL;     /* likewise */
   char **operands;
   int c, nr_operands;
 
@@ -253,6 +278,18 @@ main (int argc, char *argv[])
       break;
     case BITMAP_ONLY_OPTION:
       bitmap_only = true;
+      break;
+    case KEEP_BITMAP_OPTION:
+      delete_keep_bitmap = true;
+      delete_option = "--keep-bitmap";
+      break;
+    case OUTPUT_OPTION:
+      delete_output = optarg;
+      delete_option = "--output";
+      break;
+    case STRATEGY_OPTION:
+      delete_strategy = optarg;
+      delete_option = "--strategy";
       break;
     case TO_OPTION:
       backup_to = optarg;
@@ -316,9 +353,17 @@ main (int argc, char *argv[])
     if (backup_to == NULL)
       command_usage (cmd, "%s: missing --to FILE", cmd->name);
   }
+  else if (cmd->run == run_wait) {
+    if (backup_to || backup_since || backup_requests != 16)
+      command_usage (cmd, "%s: %s is an option of backup only",
+                     cmd->name, backup_option);
+  }
   else if (backup_option)
     command_usage (cmd, "%s: %s is an option of backup only",
                    cmd->name, backup_option);
+  if (delete_option && cmd->run != run_delete)
+    command_usage (cmd, "%s: %s is an option of delete only",
+                   cmd->name, delete_option);
   if (bitmap_only && strcmp (cmd->name, "create") != 0)
     command_usage (cmd, "%s: --bitmap-only is an option of create only",
                    cmd->name);

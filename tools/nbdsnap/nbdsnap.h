@@ -20,6 +20,9 @@
 extern const char *control;     /* -c: socket or store dir; NULL: env */
 extern bool json_output;        /* --json: print replies as JSON */
 extern bool bitmap_only;        /* create --bitmap-only */
+extern const char *delete_strategy; /* delete --strategy=S, or NULL */
+extern const char *delete_output; /* delete --output=FILE, or NULL */
+extern bool delete_keep_bitmap; /* delete --keep-bitmap */
 /* Options of backup only (main.c refuses them with other commands). */
 extern const char *backup_to;   /* --to FILE; required */
 extern const char *backup_since; /* --since CHECKPOINT, or NULL: full */
@@ -72,7 +75,23 @@ extern void bad_reply (const struct command *cmd, const char *what);
 extern int run_backup (const struct command *cmd, char **operands,
                        FILE *out);
 
+/* jobs.c */
+/* Run functions of delete, cancel and wait; print functions of revert
+ * (a started job) and jobs.
+ */
+extern int run_delete (const struct command *cmd, char **operands,
+                       FILE *out);
+extern int run_cancel (const struct command *cmd, char **operands,
+                       FILE *out);
+extern int run_wait (const struct command *cmd, char **operands, FILE *out);
+extern int print_job_started (const struct command *cmd,
+                              const struct json *reply, FILE *out);
+extern int print_jobs (const struct command *cmd, const struct json *reply,
+                       FILE *out);
+
 /* output.c */
+/* Write a parsed value back out with w. */
+extern void write_json_value (struct jw *w, const struct json *v);
 /* Print reply minus its "ok" member as one line of JSON. */
 extern int print_json_reply (const struct command *cmd,
                              const struct json *reply, FILE *out);

@@ -16,8 +16,8 @@
 
 /* ---- JSON ---- */
 
-static void
-write_value (struct jw *w, const struct json *v)
+void
+write_json_value (struct jw *w, const struct json *v)
 {
   switch (v->type) {
   case JSON_NULL:
@@ -38,14 +38,14 @@ write_value (struct jw *w, const struct json *v)
   case JSON_ARRAY:
     jw_begin_array (w);
     for (size_t i = 0; i < v->len; ++i)
-      write_value (w, v->items[i]);
+      write_json_value (w, v->items[i]);
     jw_end_array (w);
     break;
   case JSON_OBJECT:
     jw_begin_object (w);
     for (size_t i = 0; i < v->len; ++i) {
       jw_key (w, v->keys[i]);
-      write_value (w, v->items[i]);
+      write_json_value (w, v->items[i]);
     }
     jw_end_object (w);
     break;
@@ -67,7 +67,7 @@ print_json_reply (const struct command *cmd, const struct json *reply,
     if (strcmp (reply->keys[i], "ok") == 0)
       continue;
     jw_key (&w, reply->keys[i]);
-    write_value (&w, reply->items[i]);
+    write_json_value (&w, reply->items[i]);
   }
   jw_end_object (&w);
   text = jw_finish (&w);

@@ -1,0 +1,982 @@
+/* nbdkit-snapshot: background jobs: deleting a snapshot (merge) and
+ * reverting to one.
+ *
+ * Notes on the design
+ * -------------------
+ *
+ * Deleting snapshot S folds two neighbouring layers into one: "upper",
+ * the layer S started (the first layer not in S's view), and "lower",
+ * the newest layer of S's view, or the origin if S is the oldest.  Only
+ * S's view tells them apart, so once S is gone either direction gives
+ * every other view the same contents:
+ *
+ *   commit  copy upper's pages down into lower, then drop upper.
+ *           Cost: the pages upper holds.
+ *   stream  copy lower's pages that upper lacks up into upper, then drop
+ *           lower (for the origin: the origin is never read again; with
+ *           --output upper's data file gets its final name).
+ *           Cost: the pages lower holds that upper lacks.
+ *
+ * auto picks the one that moves fewer bytes.  Committing into the
+ * origin needs it writable.  A commit needs a quiet upper, so when upper
+ * is the live top layer the job first starts a new empty top layer.
+ *
+ * Reverting to S starts a new empty top layer and, until the job is
+ * done, reads the pages it lacks from S's view instead of the layers
+ * below it ("revert_depth"): clients see S's contents at once.  The job
+ * copies every page changed since S (held by a layer outside S's view)
+ * into the new layer, then the override ends.  Blocks changed since S
+ * are marked in the active dirty map before the revert takes effect.
+ *
+ * Every view reads the same at every moment: a page moves into a layer
+ * that is only read where the other layer already gives the same bytes,
+ * or under the page range lock where a client may write it.
+ *
+ * Crashes: the manifest's "job" line is the journal.  All copying is
+ * idempotent (copy what is still missing, or copy again what is there),
+ * and the manifest changes that end a job are one atomic save; so after
+ * kill -9 the job simply runs again from the start of its scan,
+ * skipping what is done, and every view reads as before throughout.
+ *
+ * One job runs at a time (store.job); requests that would change the
+ * store meanwhile are refused with the job's id.
+ */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "cleanup.h"
+#include "mapfile.h"
+#include "store.h"
+#include "util.h"
+
+#define CHUNK_PAGES 256                 /* 1 MiB per locked step */
+#define SYNC_EVERY_PAGES (64 * 256)     /* flush progress every 64 MiB */
+
+static pthread_t job_thread;
+static bool job_thread_running;
+
+/* Finished jobs, newest last, for "jobs" (protected by store.job_lock). */
+#define MAX_HISTORY 64
+static struct job history[MAX_HISTORY];
+static size_t nhistory;
+
+static int64_t
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * INT64_C (1000000000) + ts.tv_nsec;
+}
+
+/* ---- Planning (store.lock held) ---- */
+
+/* Index of the first layer not in snapshot c's view. */
+static size_t
+upper_index (const struct manifest_checkpoint *c)
+{
+  return store_snapshot_depth (c);
+}
+
+/* Pages held by layer lo that layer up lacks (lo < 0: the origin). */
+static uint64_t
+pages_missing (ssize_t lo, size_t up)
+{
+  const struct sbitmap *u = &store.layers[up]->map;
+  uint64_t n = 0, p;
+
+  if (lo < 0)
+    return store.npages - sbitmap_count (u);
+  p = sbitmap_find_next_set (&store.layers[lo]->map, 0);
+  while (p < store.npages) {
+    uint64_t e = sbitmap_find_next_clear (&store.layers[lo]->map, p);
+    n += (e - p) - sbitmap_count_range (u, p, e - p);
+    p = sbitmap_find_next_set (&store.layers[lo]->map, e);
+  }
+  return n;
+}
+
+static uint64_t
+pages_bytes (uint64_t pages)
+{
+  return MIN (pages * PAGE_SIZE_BYTES, store.size);
+}
+
+/* ---- Copying ---- */
+
+/* Read page-aligned [off, off+len) of the origin. */
+static int
+origin_pread (void *buf, uint32_t len, uint64_t off)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
+  int err = 0;
+
+  if (bg_next->pread (bg_next, buf, len, off, 0, &err) == -1) {
+    errno = err ? err : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+origin_pwrite (const void *buf, uint32_t len, uint64_t off)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
+  int err = 0;
+
+  if (bg_next->pwrite (bg_next, buf, len, off, 0, &err) == -1) {
+    errno = err ? err : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+origin_flush (void)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
+  int err = 0;
+
+  if (bg_next->can_flush (bg_next) &&
+      bg_next->flush (bg_next, 0, &err) == -1) {
+    errno = err ? err : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+/* Write page p's bytes (plen) into layer l and set its bit. */
+static int
+layer_put_page (struct layer *l, const char *buf, uint64_t p)
+{
+  uint64_t off = p << PAGE_SHIFT;
+  uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
+
+  if (full_pwrite (l->data_fd, buf, plen, off) == -1)
+    return -1;
+  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+  return sbitmap_set (&l->map, p) == -1 ? -1 : 0;
+}
+
+/* What one step of a job does to the pages [p, e) (store.lock shared,
+ * the page range locked).  Returns 0 or -1 with errno set.
+ */
+typedef int (*step_fn) (struct job *j, uint64_t p, uint64_t e);
+
+static int
+step_commit (struct job *j, uint64_t p, uint64_t e)
+{
+  struct layer *up = store.layers[j->upper];
+  char page[PAGE_SIZE_BYTES];
+
+  for (; p < e; ++p) {
+    uint64_t off = p << PAGE_SHIFT;
+    uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
+
+    if (!sbitmap_test (&up->map, p))
+      continue;
+    if (full_pread (up->data_fd, page, plen, off) == -1)
+      return -1;
+    if (j->lower < 0) {
+      if (origin_pwrite (page, plen, off) == -1)
+        return -1;
+    }
+    else if (layer_put_page (store.layers[j->lower], page, p) == -1)
+      return -1;
+    __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
+  }
+  return 0;
+}
+
+static int
+step_stream (struct job *j, uint64_t p, uint64_t e)
+{
+  struct layer *up = store.layers[j->upper];
+  char page[PAGE_SIZE_BYTES];
+
+  for (; p < e; ++p) {
+    uint64_t off = p << PAGE_SHIFT;
+    uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
+
+    if (j->lower >= 0 && !sbitmap_test (&store.layers[j->lower]->map, p))
+      continue;
+    if (sbitmap_test (&up->map, p)) {
+      /* A client wrote it since the plan: nothing to copy. */
+      if (j->lower < 0)
+        __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
+      continue;
+    }
+    if (j->lower < 0 ? origin_pread (page, plen, off) == -1
+        : full_pread (store.layers[j->lower]->data_fd, page, plen, off) == -1)
+      return -1;
+    if (layer_put_page (up, page, p) == -1)
+      return -1;
+    __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
+  }
+  return 0;
+}
+
+static int
+step_revert (struct job *j, uint64_t p, uint64_t e)
+{
+  struct layer *top = store.layers[store.nlayers - 1];
+  char page[PAGE_SIZE_BYTES];
+  int err;
+
+  for (; p < e; ++p) {
+    uint64_t off = p << PAGE_SHIFT;
+    uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
+    bool changed = false;
+
+    for (size_t i = store.revert_depth; i < store.nlayers - 1; ++i)
+      if (sbitmap_test (&store.layers[i]->map, p)) {
+        changed = true;
+        break;
+      }
+    if (!changed)
+      continue;
+    if (!sbitmap_test (&top->map, p)) {
+      int r;
+      {
+        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
+        r = view_pread (bg_next, store.revert_depth, page, plen, off, &err);
+      }
+      if (r == -1) {
+        errno = err;
+        return -1;
+      }
+      if (layer_put_page (top, page, p) == -1)
+        return -1;
+    }
+    __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
+  }
+  return 0;
+}
+
+/* The layer that must be made durable as the job goes, or NULL. */
+static struct layer *
+job_target (struct job *j)
+{
+  if (j->kind == JOB_REVERT)
+    return store.layers[store.nlayers - 1];
+  if (j->strategy == STRATEGY_STREAM)
+    return store.layers[j->upper];
+  return j->lower >= 0 ? store.layers[j->lower] : NULL;
+}
+
+static int
+job_sync (struct job *j)
+{
+  struct layer *l = job_target (j);
+
+  if (l)
+    return layer_flush (l);
+  return origin_flush ();
+}
+
+/* Run step over every page in chunks, each with the page range locked
+ * and store.lock shared, so clients keep going between chunks.
+ */
+static int
+job_scan (struct job *j, step_fn step)
+{
+  uint64_t p = 0, since_sync = 0;
+
+  while (p < store.npages) {
+    uint64_t e = MIN (p + CHUNK_PAGES, store.npages);
+    struct range r;
+    int ret;
+
+    if (__atomic_load_n (&j->shutdown, __ATOMIC_SEQ_CST)) {
+      errno = ESHUTDOWN;
+      return -1;
+    }
+    if (__atomic_load_n (&j->cancel, __ATOMIC_SEQ_CST)) {
+      errno = ECANCELED;
+      return -1;
+    }
+    {
+      ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+      rangelock_acquire (&store.pages, &r, p, e - 1);
+      ret = step (j, p, e);
+      rangelock_release (&store.pages, &r);
+      if (ret == 0 && (since_sync += e - p) >= SYNC_EVERY_PAGES) {
+        ret = job_sync (j);
+        since_sync = 0;
+      }
+    }
+    if (ret == -1)
+      return -1;
+    p = e;
+  }
+  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  return job_sync (j);
+}
+
+/* ---- Finishing (store.lock exclusive) ---- */
+
+/* Remove layer index i from store.layers (the manifest is updated by
+ * the caller) and delete its files.
+ */
+static void
+drop_layer (size_t i)
+{
+  struct layer *l = store.layers[i];
+  CLEANUP_FREE char *data = layer_path (l->id, "data");
+  CLEANUP_FREE char *map = layer_path (l->id, "map");
+
+  memmove (&store.layers[i], &store.layers[i + 1],
+           (store.nlayers - i - 1) * sizeof store.layers[0]);
+  store.nlayers--;
+  layer_free (l);
+  if (data) unlink (data);
+  if (map) unlink (map);
+}
+
+/* Give upper's data file its final name, atomically: hard link it as
+ * output, then replace the store's name with a symlink to it.  Done
+ * again after a crash, it finds the link in place.
+ */
+static int
+give_output_name (struct layer *l, const char *output)
+{
+  CLEANUP_FREE char *data = layer_path (l->id, "data");
+  CLEANUP_FREE char *tmp = NULL;
+  CLEANUP_FREE char *target = NULL;
+  struct stat st1, st2;
+
+  if (data == NULL || asprintf (&tmp, "%s.link", data) == -1)
+    return -1;
+  target = realpath (data, NULL);
+  if (target && strcmp (target, output) == 0)
+    return 0;                   /* Already done. */
+  if (link (data, output) == -1) {
+    if (errno != EEXIST || stat (data, &st1) == -1 ||
+        stat (output, &st2) == -1 || st1.st_ino != st2.st_ino)
+      return -1;
+  }
+  unlink (tmp);
+  if (symlink (output, tmp) == -1 || rename (tmp, data) == -1 ||
+      fsync_dir (store.dir) == -1)
+    return -1;
+  return 0;
+}
+
+static int
+finish_delete (struct job *j, char **errmsg)
+{
+  ssize_t ci = manifest_find_checkpoint (&store.m, j->name);
+  const size_t nckpts = store.m.nckpts;
+  struct manifest saved;
+  bool forget;
+
+  assert (ci >= 0);
+  if (manifest_dup (&store.m, &saved) == -1)
+    goto err;
+
+  if (j->strategy == STRATEGY_COMMIT) {
+    /* Upper's pages are all in lower now. */
+    manifest_remove_layer (&store.m, store.layers[j->upper]->id);
+  }
+  else {
+    uint64_t up_id = store.layers[j->upper]->id;
+    if (j->lower >= 0) {
+      uint64_t lo_id = store.layers[j->lower]->id;
+      manifest_remove_layer (&store.m, lo_id);
+      /* A snapshot bound to lower keeps its view bound to upper. */
+      for (size_t i = 0; i < store.m.nckpts; ++i)
+        if (store.m.ckpts[i].kind == CKPT_SNAPSHOT &&
+            store.m.ckpts[i].layer == lo_id)
+          store.m.ckpts[i].layer = up_id;
+    }
+    else {
+      store.m.origin_retired = true;
+      if (j->output[0] &&
+          give_output_name (store.layers[j->upper], j->output) == -1)
+        goto err_restore;
+    }
+  }
+
+  /* The snapshot goes; its checkpoint stays as bitmap-only with
+   * --keep-bitmap, else its bits fold into the next older one.
+   */
+  forget = !j->keep_bitmap;
+  if (j->keep_bitmap) {
+    store.m.ckpts[ci].kind = CKPT_BITMAP;
+    store.m.ckpts[ci].layer = 0;
+  }
+  else {
+    if (ckpt_fold (ci) == -1)
+      goto err_restore;
+    manifest_remove_checkpoint (&store.m, ci);
+  }
+  store.m.job.kind = JOB_NONE;
+  if (manifest_save (store.dir, &store.m) == -1)
+    goto err_restore;
+  manifest_free (&saved);
+
+  /* Now the in-memory structures follow the manifest. */
+  if (forget)
+    ckpt_forget (ci, nckpts);
+  if (j->strategy == STRATEGY_COMMIT)
+    drop_layer (j->upper);
+  else if (j->lower >= 0)
+    drop_layer (j->lower);
+  return 0;
+
+ err_restore:
+  {
+    int e = errno;
+    manifest_free (&store.m);
+    store.m = saved;
+    errno = e;
+  }
+ err:
+  set_errmsg (errmsg, "finishing the delete of '%s': %s",
+              j->name, strerror (errno));
+  return -1;
+}
+
+static int
+finish_revert (struct job *j, char **errmsg)
+{
+  store.m.job.kind = JOB_NONE;
+  if (manifest_save (store.dir, &store.m) == -1) {
+    store.m.job.kind = JOB_REVERT;
+    set_errmsg (errmsg, "finishing the revert to '%s': %s",
+                j->name, strerror (errno));
+    return -1;
+  }
+  store.revert_depth = -1;
+  return 0;
+}
+
+/* Stop a job that failed or was cancelled (store.lock exclusive).
+ * Views are intact at every step, so forgetting the job is enough.
+ * A revert cannot stop half way: it stays in the manifest and runs
+ * again at the next start.
+ */
+static void
+abandon_job (struct job *j)
+{
+  if (j->kind == JOB_REVERT)
+    return;
+  store.m.job.kind = JOB_NONE;
+  if (manifest_save (store.dir, &store.m) == -1)
+    nbdkit_error ("snapshot: job %" PRIu64 ": saving the manifest: %m",
+                  j->id);
+}
+
+/* ---- The job thread ---- */
+
+static void
+job_done (struct job *j, int state, char *error)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+
+  j->state = state;
+  j->error = error;
+  j->finished_ns = now_ns ();
+  if (nhistory == MAX_HISTORY) {
+    free (history[0].error);
+    memmove (&history[0], &history[1], (MAX_HISTORY - 1) * sizeof history[0]);
+    nhistory--;
+  }
+  history[nhistory++] = *j;
+  store.job = NULL;
+  free (j);
+  pthread_cond_broadcast (&store.job_cond);
+}
+
+static void *
+job_main (void *arg)
+{
+  struct job *j = arg;
+  char *errmsg = NULL;
+  step_fn step;
+  int r;
+
+  step = j->kind == JOB_REVERT ? step_revert
+    : j->strategy == STRATEGY_COMMIT ? step_commit : step_stream;
+  nbdkit_debug ("snapshot: job %" PRIu64 " started", j->id);
+  r = job_scan (j, step);
+  if (r == -1 && errno == ESHUTDOWN) {
+    /* nbdkit is stopping: the journal keeps the job for next time. */
+    nbdkit_debug ("snapshot: job %" PRIu64 " interrupted by shutdown",
+                  j->id);
+    job_done (j, JOB_STATE_CANCELLED, NULL);
+    return NULL;
+  }
+  {
+    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    if (r == 0)
+      r = j->kind == JOB_REVERT ? finish_revert (j, &errmsg)
+        : finish_delete (j, &errmsg);
+    else {
+      if (errno != ECANCELED)
+        set_errmsg (&errmsg, "%s", strerror (errno));
+      abandon_job (j);
+    }
+  }
+  if (r == 0)
+    __atomic_store_n (&j->bytes_done, j->bytes_total, __ATOMIC_SEQ_CST);
+  if (r == 0) {
+    nbdkit_debug ("snapshot: job %" PRIu64 " done", j->id);
+    job_done (j, JOB_STATE_DONE, NULL);
+  }
+  else if (errmsg == NULL) {
+    nbdkit_debug ("snapshot: job %" PRIu64 " cancelled", j->id);
+    job_done (j, JOB_STATE_CANCELLED, NULL);
+  }
+  else {
+    nbdkit_error ("snapshot: job %" PRIu64 " failed: %s", j->id, errmsg);
+    job_done (j, JOB_STATE_FAILED, errmsg);
+  }
+  return NULL;
+}
+
+/* Fill in the plan of job j from the manifest (store.lock held). */
+static int
+job_plan (struct job *j)
+{
+  ssize_t ci = manifest_find_checkpoint (&store.m, j->name);
+
+  if (ci < 0 || store.m.ckpts[ci].kind != CKPT_SNAPSHOT) {
+    errno = ENOENT;
+    return -1;
+  }
+  if (j->kind == JOB_REVERT) {
+    store.revert_depth = upper_index (&store.m.ckpts[ci]);
+    j->bytes_total = 0;
+    for (size_t i = store.revert_depth; i + 1 < store.nlayers; ++i)
+      j->bytes_total += pages_bytes (sbitmap_count (&store.layers[i]->map));
+    return 0;
+  }
+  j->upper = upper_index (&store.m.ckpts[ci]);
+  assert (j->upper < store.nlayers);
+  j->lower = (ssize_t) j->upper - 1;
+  j->bytes_total = j->strategy == STRATEGY_COMMIT
+    ? pages_bytes (sbitmap_count (&store.layers[j->upper]->map))
+    : pages_bytes (pages_missing (j->lower, j->upper));
+  return 0;
+}
+
+static int
+job_spawn (struct job *j)
+{
+  int err;
+
+  j->state = JOB_STATE_RUNNING;
+  j->started_ns = now_ns ();
+  if (job_thread_running) {
+    pthread_join (job_thread, NULL);
+    job_thread_running = false;
+  }
+  store.job = j;
+  err = pthread_create (&job_thread, NULL, job_main, j);
+  if (err) {
+    store.job = NULL;
+    errno = err;
+    return -1;
+  }
+  job_thread_running = true;
+  return 0;
+}
+
+/* ---- Starting jobs (control thread, store.control_lock held) ---- */
+
+/* Refuse a request while a job runs.  Return true if refused. */
+bool
+job_busy (const char *name, char **errmsg)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+  struct job *j = store.job;
+
+  if (j == NULL)
+    return false;
+  if (name && strcmp (name, j->name) == 0)
+    set_errmsg (errmsg, "snapshot '%s' already has a job running (job %"
+                PRIu64 ", %s): wait for it or cancel it",
+                name, j->id, j->kind == JOB_REVERT ? "revert" : "delete");
+  else
+    set_errmsg (errmsg, "job %" PRIu64 " (%s %s) is running: one job at a "
+                "time; wait for it or cancel it", j->id,
+                j->kind == JOB_REVERT ? "revert" : "delete", j->name);
+  return true;
+}
+
+/* Start a new empty top layer (store.lock exclusive); the manifest is
+ * saved by the caller.
+ */
+static int
+push_layer (void)
+{
+  struct layer *l, **layers;
+  uint64_t id = store.m.next_id;
+
+  if (store.nlayers > 0 && layer_flush (store.layers[store.nlayers - 1]) == -1)
+    return -1;
+  layers = realloc (store.layers, (store.nlayers + 2) * sizeof *layers);
+  if (layers == NULL)
+    return -1;
+  store.layers = layers;
+  l = layer_create (id);
+  if (l == NULL)
+    return -1;
+  if (manifest_add_layer (&store.m, id) == -1) {
+    layer_free (l);
+    return -1;
+  }
+  store.m.next_id++;
+  if (store.nlayers > 0) {
+    struct layer *old = store.layers[store.nlayers - 1];
+    if (old->map_fd >= 0) {
+      close (old->map_fd);
+      old->map_fd = -1;
+    }
+  }
+  store.layers[store.nlayers++] = l;
+  return 0;
+}
+
+/* Open a frozen layer's map for writing (a commit writes into it). */
+static int
+reopen_map (struct layer *l)
+{
+  CLEANUP_FREE char *path = layer_path (l->id, "map");
+
+  if (l->map_fd >= 0)
+    return 0;
+  l->map_fd = path ? open (path, O_RDWR | O_CLOEXEC) : -1;
+  return l->map_fd == -1 ? -1 : 0;
+}
+
+uint64_t
+job_start_delete (const char *name, int strategy, const char *output,
+                  bool keep_bitmap, bool origin_writable,
+                  uint64_t *commit_bytes, uint64_t *stream_bytes,
+                  char **errmsg)
+{
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  ssize_t ci = manifest_find_checkpoint (&store.m, name);
+  struct manifest saved;
+  struct job *j;
+  uint64_t id;
+  size_t up;
+  ssize_t lo;
+  unsigned refs;
+
+  if (ci < 0) {
+    set_errmsg (errmsg, "no checkpoint named '%s'", name);
+    return 0;
+  }
+  if (store.m.ckpts[ci].kind != CKPT_SNAPSHOT) {
+    set_errmsg (errmsg, "'%s' is a bitmap-only checkpoint: it has no data "
+                "to merge (--strategy, --output and --keep-bitmap apply "
+                "to snapshots)", name);
+    return 0;
+  }
+  refs = __atomic_load_n (&store.maps[ci]->refs, __ATOMIC_SEQ_CST);
+  if (refs > 0) {
+    set_errmsg (errmsg, "snapshot '%s' is in use by %u connection%s "
+                "(snap/ or dirty/ exports): disconnect first", name, refs,
+                refs == 1 ? "" : "s");
+    return 0;
+  }
+  up = upper_index (&store.m.ckpts[ci]);
+  lo = (ssize_t) up - 1;
+  *commit_bytes = pages_bytes (sbitmap_count (&store.layers[up]->map));
+  *stream_bytes = pages_bytes (pages_missing (lo, up));
+
+  if (strategy < 0)             /* auto */
+    strategy = *commit_bytes <= *stream_bytes ? STRATEGY_COMMIT
+      : STRATEGY_STREAM;
+  if (strategy == STRATEGY_COMMIT && lo < 0 && !origin_writable) {
+    if (output == NULL)         /* auto falls back to stream */
+      strategy = STRATEGY_STREAM;
+    if (strategy == STRATEGY_COMMIT || output == NULL) {
+      if (strategy == STRATEGY_COMMIT) {
+        set_errmsg (errmsg, "cannot commit '%s' into the origin: the origin "
+                    "is read-only (nbdkit -r, or a read-only plugin); use "
+                    "--strategy=stream", name);
+        return 0;
+      }
+    }
+  }
+  if (output && (strategy != STRATEGY_STREAM || lo >= 0)) {
+    set_errmsg (errmsg, "--output applies only when '%s' is streamed "
+                "into the oldest layer (the oldest snapshot, with "
+                "--strategy=stream)", name);
+    return 0;
+  }
+
+  if (manifest_dup (&store.m, &saved) == -1)
+    goto err;
+  j = calloc (1, sizeof *j);
+  if (j == NULL)
+    goto err_free;
+  j->id = store.m.next_id++;
+  j->kind = JOB_DELETE;
+  strcpy (j->name, name);
+  j->strategy = strategy;
+  j->keep_bitmap = keep_bitmap;
+  if (output)
+    strcpy (j->output, output);
+  j->commit_bytes = *commit_bytes;
+  j->stream_bytes = *stream_bytes;
+
+  /* A commit needs upper quiet: if clients write it, start a new top. */
+  if (strategy == STRATEGY_COMMIT && up == store.nlayers - 1 &&
+      push_layer () == -1)
+    goto err_job;
+  if (strategy == STRATEGY_COMMIT && lo >= 0 &&
+      reopen_map (store.layers[lo]) == -1)
+    goto err_job;
+
+  store.m.job.kind = JOB_DELETE;
+  store.m.job.id = j->id;
+  strcpy (store.m.job.name, name);
+  store.m.job.strategy = strategy;
+  store.m.job.keep_bitmap = keep_bitmap;
+  strcpy (store.m.job.output, j->output);
+  if (manifest_save (store.dir, &store.m) == -1)
+    goto err_job;
+  manifest_free (&saved);
+  job_plan (j);
+  id = j->id;
+  if (job_spawn (j) == -1) {
+    set_errmsg (errmsg, "starting the job: %s", strerror (errno));
+    free (j);
+    return 0;
+  }
+  return id;
+
+ err_job:
+  free (j);
+ err_free:
+  {
+    int e = errno;
+    /* Keep any pushed layer: it is harmless, but the manifest must
+     * match what is on disk, which is the old one.
+     */
+    if (store.m.nlayers != saved.nlayers)
+      drop_layer (store.nlayers - 1);
+    manifest_free (&store.m);
+    store.m = saved;
+    errno = e;
+  }
+ err:
+  set_errmsg (errmsg, "cannot start deleting '%s': %s", name,
+              strerror (errno));
+  return 0;
+}
+
+uint64_t
+job_start_revert (const char *name, char **errmsg)
+{
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  ssize_t ci = manifest_find_checkpoint (&store.m, name);
+  struct manifest saved;
+  struct job *j;
+  uint64_t id;
+  size_t d;
+
+  if (ci < 0) {
+    set_errmsg (errmsg, "no checkpoint named '%s'", name);
+    return 0;
+  }
+  if (store.m.ckpts[ci].kind != CKPT_SNAPSHOT) {
+    set_errmsg (errmsg, "'%s' is a bitmap-only checkpoint: it keeps no "
+                "data to revert to", name);
+    return 0;
+  }
+  d = upper_index (&store.m.ckpts[ci]);
+
+  /* The live volume's blocks that change are those changed since S:
+   * record them first, durably (guarantee 3).
+   */
+  for (size_t i = d; i < store.nlayers; ++i) {
+    const struct sbitmap *map = &store.layers[i]->map;
+    uint64_t p = sbitmap_find_next_set (map, 0);
+    while (p < store.npages) {
+      uint64_t e = sbitmap_find_next_clear (map, p);
+      if (ckpt_mark_range (p << PAGE_SHIFT,
+                           MIN (e << PAGE_SHIFT, store.size)
+                           - (p << PAGE_SHIFT)) == -1)
+        goto err;
+      p = sbitmap_find_next_set (map, e);
+    }
+  }
+  if (ckpt_persist_active () == -1)
+    goto err;
+
+  if (manifest_dup (&store.m, &saved) == -1)
+    goto err;
+  j = calloc (1, sizeof *j);
+  if (j == NULL)
+    goto err_free;
+  j->id = store.m.next_id++;
+  j->kind = JOB_REVERT;
+  strcpy (j->name, name);
+  if (push_layer () == -1)
+    goto err_job;
+  store.m.job.kind = JOB_REVERT;
+  store.m.job.id = j->id;
+  strcpy (store.m.job.name, name);
+  if (manifest_save (store.dir, &store.m) == -1)
+    goto err_job;
+  manifest_free (&saved);
+  job_plan (j);                 /* sets store.revert_depth */
+  id = j->id;
+  if (job_spawn (j) == -1) {
+    /* The override is in place and the manifest names the job: the
+     * next start resumes it.
+     */
+    set_errmsg (errmsg, "starting the job: %s", strerror (errno));
+    free (j);
+    return 0;
+  }
+  return id;
+
+ err_job:
+  free (j);
+ err_free:
+  {
+    int e = errno;
+    if (store.m.nlayers != saved.nlayers)
+      drop_layer (store.nlayers - 1);
+    manifest_free (&store.m);
+    store.m = saved;
+    errno = e;
+  }
+ err:
+  set_errmsg (errmsg, "cannot start reverting to '%s': %s", name,
+              strerror (errno));
+  return 0;
+}
+
+int
+job_resume (void)
+{
+  const struct manifest_job *mj = &store.m.job;
+  struct job *j;
+
+  if (mj->kind == JOB_NONE)
+    return 0;
+  j = calloc (1, sizeof *j);
+  if (j == NULL) {
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
+  j->id = mj->id;
+  j->kind = mj->kind;
+  strcpy (j->name, mj->name);
+  j->strategy = mj->strategy;
+  j->keep_bitmap = mj->keep_bitmap;
+  strcpy (j->output, mj->output);
+  j->resumed = true;
+  {
+    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    if (job_plan (j) == -1) {
+      nbdkit_error ("snapshot: the manifest names job %" PRIu64 " on '%s', "
+                    "which is not a snapshot (the store is damaged)",
+                    j->id, j->name);
+      free (j);
+      return -1;
+    }
+    if (j->kind == JOB_DELETE && j->strategy == STRATEGY_COMMIT &&
+        j->lower >= 0 && reopen_map (store.layers[j->lower]) == -1) {
+      nbdkit_error ("snapshot: job %" PRIu64 ": %m", j->id);
+      free (j);
+      return -1;
+    }
+  }
+  nbdkit_debug ("snapshot: resuming job %" PRIu64 " (%s %s)", j->id,
+                j->kind == JOB_REVERT ? "revert" : "delete", j->name);
+  if (job_spawn (j) == -1) {
+    nbdkit_error ("snapshot: resuming job %" PRIu64 ": %m", j->id);
+    free (j);
+    return -1;
+  }
+  return 0;
+}
+
+int
+job_cancel (uint64_t id, char **errmsg)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+  struct job *j = store.job;
+
+  if (j == NULL || j->id != id) {
+    set_errmsg (errmsg, "no running job %" PRIu64, id);
+    return -1;
+  }
+  if (j->kind == JOB_REVERT) {
+    set_errmsg (errmsg, "job %" PRIu64 " is a revert, which cannot stop "
+                "half way (clients already see the reverted volume)", id);
+    return -1;
+  }
+  __atomic_store_n (&j->cancel, true, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+void
+job_stop (void)
+{
+  /* At shutdown a running job is cancelled; its journal entry stays,
+   * so the next start resumes it (a revert) or it is simply gone (a
+   * delete that did not finish leaves every view as it was, and the
+   * manifest still names it, so it resumes too).
+   */
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    if (store.job)
+      __atomic_store_n (&store.job->shutdown, true, __ATOMIC_SEQ_CST);
+  }
+  if (job_thread_running) {
+    pthread_join (job_thread, NULL);
+    job_thread_running = false;
+  }
+  for (size_t i = 0; i < nhistory; ++i)
+    free (history[i].error);
+  nhistory = 0;
+}
+
+/* Describe the jobs (store.job_lock held by the caller). */
+void
+job_list (void (*fn) (const struct job *j, void *opaque), void *opaque)
+{
+  for (size_t i = 0; i < nhistory; ++i)
+    fn (&history[i], opaque);
+  if (store.job)
+    fn (store.job, opaque);
+}
+
+const struct job *
+job_find (uint64_t id)
+{
+  if (store.job && store.job->id == id)
+    return store.job;
+  for (size_t i = nhistory; i-- > 0; )
+    if (history[i].id == id)
+      return &history[i];
+  return NULL;
+}
+
+int64_t
+job_now_ns (void)
+{
+  return now_ns ();
+}

@@ -1,0 +1,337 @@
+/* nbdsnap: commands that start and follow background jobs: delete (of
+ * snapshots: a merge), revert, jobs, wait and cancel.
+ *
+ * "wait" asks the server for the job list every WAIT_POLL_MS until the
+ * jobs it waits for have ended, drawing a progress bar on stderr when
+ * that is a terminal (or with --progress), or "N/100" lines on
+ * --progress=FD.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "json.h"
+#include "util.h"
+#include "nbdsnap.h"
+
+#define WAIT_POLL_MS 100
+
+/* Options of these commands (main.c). */
+const char *delete_strategy = NULL;
+const char *delete_output = NULL;
+bool delete_keep_bitmap = false;
+
+/* Print one job for humans. */
+static void
+print_job (FILE *out, const struct json *j)
+{
+  int64_t id = 0, done = 0, total = 0, rate = 0;
+  const char *kind = json_get_string (j, "kind");
+  const char *name = json_get_string (j, "name");
+  const char *state = json_get_string (j, "state");
+  const char *strategy = json_get_string (j, "strategy");
+  const char *error = json_get_string (j, "error");
+  const struct json *eta = json_get (j, "eta_seconds");
+  char h1[32], h2[32], h3[32];
+
+  json_get_int (j, "id", &id);
+  json_get_int (j, "bytes_done", &done);
+  json_get_int (j, "bytes_total", &total);
+  json_get_int (j, "rate_bytes_per_second", &rate);
+  fprintf (out, "job %" PRIi64 ": %s %s%s%s: %s, %s of %s (%s/s)",
+           id, kind ? kind : "?", name ? name : "?",
+           strategy ? " by " : "", strategy ? strategy : "",
+           state ? state : "?",
+           human_size (h1, sizeof h1, done), human_size (h2, sizeof h2, total),
+           human_size (h3, sizeof h3, rate));
+  if (eta && eta->type == JSON_NUMBER && state &&
+      strcmp (state, "running") == 0)
+    fprintf (out, ", %.0f s left", eta->number);
+  if (error)
+    fprintf (out, ": %s", error);
+  fputc ('\n', out);
+}
+
+static int
+print_job_reply (const struct command *cmd, const struct json *reply,
+                 FILE *out)
+{
+  const struct json *j = json_get (reply, "job");
+  int64_t cb, sb;
+
+  if (j == NULL || j->type != JSON_OBJECT) {
+    bad_reply (cmd, "missing object \"job\"");
+    return -1;
+  }
+  if (json_get_int (j, "commit_bytes", &cb) &&
+      json_get_int (j, "stream_bytes", &sb)) {
+    char h1[32], h2[32];
+    const char *strategy = json_get_string (j, "strategy");
+    fprintf (out, "deleting snapshot '%s' by %s: commit moves %s, "
+             "stream moves %s\n", json_get_string (j, "name"),
+             strategy ? strategy : "?",
+             human_size (h1, sizeof h1, cb), human_size (h2, sizeof h2, sb));
+  }
+  print_job (out, j);
+  return 0;
+}
+
+int
+run_delete (const struct command *cmd, char **operands, FILE *out)
+{
+  CLEANUP_FREE char *abs = NULL;
+  struct json *reply;
+  struct jw req;
+  int r;
+
+  if (delete_strategy && strcmp (delete_strategy, "auto") != 0 &&
+      strcmp (delete_strategy, "commit") != 0 &&
+      strcmp (delete_strategy, "stream") != 0) {
+    snap_error ("%s: --strategy=%s: expected auto, commit or stream",
+                cmd->name, delete_strategy);
+    return -1;
+  }
+  if (delete_output) {
+    /* The server needs an absolute path; the file need not exist. */
+    CLEANUP_FREE char *d = strdup (delete_output);
+    CLEANUP_FREE char *b = strdup (delete_output);
+    CLEANUP_FREE char *dir = NULL;
+
+    if (d == NULL || b == NULL) {
+      snap_error ("strdup: %m");
+      return -1;
+    }
+    dir = realpath (dirname (d), NULL);
+    if (dir == NULL) {
+      snap_error ("%s: --output=%s: %m", cmd->name, delete_output);
+      return -1;
+    }
+    if (asprintf (&abs, "%s/%s", strcmp (dir, "/") ? dir : "",
+                  basename (b)) == -1) {
+      snap_error ("asprintf: %m");
+      return -1;
+    }
+  }
+
+  jw_init (&req);
+  jw_begin_object (&req);
+  jw_key (&req, "cmd");
+  jw_string (&req, "delete");
+  jw_key (&req, "name");
+  jw_string (&req, operands[0]);
+  if (delete_strategy) {
+    jw_key (&req, "strategy");
+    jw_string (&req, delete_strategy);
+  }
+  if (abs) {
+    jw_key (&req, "output");
+    jw_string (&req, abs);
+  }
+  if (delete_keep_bitmap) {
+    jw_key (&req, "keep_bitmap");
+    jw_bool (&req, true);
+  }
+  jw_end_object (&req);
+
+  reply = control_request (cmd, &req);
+  if (reply == NULL)
+    return -1;
+  if (json_output)
+    r = print_json_reply (cmd, reply, out);
+  else if (json_get (reply, "job"))
+    r = print_job_reply (cmd, reply, out);
+  else
+    r = print_delete (cmd, reply, out);
+  json_free (reply);
+  return r;
+}
+
+int
+print_job_started (const struct command *cmd, const struct json *reply,
+                   FILE *out)
+{
+  return print_job_reply (cmd, reply, out);
+}
+
+int
+print_jobs (const struct command *cmd, const struct json *reply, FILE *out)
+{
+  const struct json *list = json_get (reply, "jobs");
+
+  if (list == NULL || list->type != JSON_ARRAY) {
+    bad_reply (cmd, "missing array \"jobs\"");
+    return -1;
+  }
+  if (list->len == 0)
+    fprintf (out, "no jobs\n");
+  for (size_t i = 0; i < list->len; ++i)
+    print_job (out, list->items[i]);
+  return 0;
+}
+
+/* Parse a job id operand. */
+static int
+parse_job_id (const struct command *cmd, const char *s, int64_t *id)
+{
+  char *end;
+
+  errno = 0;
+  *id = strtoll (s, &end, 10);
+  if (errno || *end || end == s || *id <= 0) {
+    snap_error ("%s: '%s' is not a job id", cmd->name, s);
+    return -1;
+  }
+  return 0;
+}
+
+int
+run_cancel (const struct command *cmd, char **operands, FILE *out)
+{
+  struct json *reply;
+  struct jw req;
+  int64_t id;
+  int r;
+
+  if (parse_job_id (cmd, operands[0], &id) == -1)
+    return -1;
+  jw_init (&req);
+  jw_begin_object (&req);
+  jw_key (&req, "cmd");
+  jw_string (&req, "cancel");
+  jw_key (&req, "job");
+  jw_int (&req, id);
+  jw_end_object (&req);
+  reply = control_request (cmd, &req);
+  if (reply == NULL)
+    return -1;
+  r = json_output ? print_json_reply (cmd, reply, out)
+    : print_job_reply (cmd, reply, out);
+  json_free (reply);
+  return r;
+}
+
+static void
+draw_bar (int64_t done, int64_t total, bool final)
+{
+  int pct = total > 0 ? (int) (done * 100 / total) : (final ? 100 : 0);
+  int width = 40, fill = pct * width / 100;
+
+  if (pct > 100)
+    pct = 100;
+  if (progress_fd >= 0) {
+    dprintf (progress_fd, "%d/100\n", pct);
+    return;
+  }
+  fprintf (stderr, "\r[%.*s%*s] %3d%%", fill,
+           "########################################", width - fill, "", pct);
+  if (final)
+    fputc ('\n', stderr);
+  fflush (stderr);
+}
+
+int
+run_wait (const struct command *cmd, char **operands, FILE *out)
+{
+  const bool bar = progress_fd >= 0 || progress_bar || isatty (2);
+  int64_t want = 0;
+  int last_pct = -1;
+
+  if (operands[0] && parse_job_id (cmd, operands[0], &want) == -1)
+    return -1;
+
+  for (;;) {
+    struct json *reply;
+    const struct json *list, *found = NULL;
+    struct jw req;
+    int64_t done = 0, total = 0;
+    bool running = false;
+
+    jw_init (&req);
+    jw_begin_object (&req);
+    jw_key (&req, "cmd");
+    jw_string (&req, "jobs");
+    jw_end_object (&req);
+    reply = control_request (cmd, &req);
+    if (reply == NULL)
+      return -1;
+    list = json_get (reply, "jobs");
+    if (list == NULL || list->type != JSON_ARRAY) {
+      bad_reply (cmd, "missing array \"jobs\"");
+      json_free (reply);
+      return -1;
+    }
+    for (size_t i = 0; i < list->len; ++i) {
+      const struct json *j = list->items[i];
+      const char *state = json_get_string (j, "state");
+      int64_t id = 0, d = 0, t = 0;
+
+      json_get_int (j, "id", &id);
+      if (want && id != want)
+        continue;
+      if (want)
+        found = j;
+      if (state && strcmp (state, "running") == 0) {
+        running = true;
+        json_get_int (j, "bytes_done", &d);
+        json_get_int (j, "bytes_total", &t);
+        done += d;
+        total += t;
+        if (!want)
+          found = j;
+      }
+    }
+    if (want && found == NULL) {
+      snap_error ("%s: no job %" PRIi64, cmd->name, want);
+      json_free (reply);
+      return -1;
+    }
+    if (running) {
+      int pct = total > 0 ? (int) (done * 100 / total) : 0;
+      if (bar && pct != last_pct) {
+        draw_bar (done, total, false);
+        last_pct = pct;
+      }
+      json_free (reply);
+      nanosleep (&(struct timespec) { 0, WAIT_POLL_MS * 1000000L }, NULL);
+      continue;
+    }
+    if (bar)
+      draw_bar (1, 1, true);
+    /* Ended: report it; a failed or cancelled job is an error. */
+    if (found) {
+      const char *state = json_get_string (found, "state");
+      if (json_output) {
+        struct jw w;
+        CLEANUP_FREE char *text = NULL;
+        jw_init (&w);
+        jw_begin_object (&w);
+        jw_key (&w, "job");
+        write_json_value (&w, found);
+        jw_end_object (&w);
+        text = jw_finish (&w);
+        if (text)
+          fprintf (out, "%s\n", text);
+      }
+      else
+        print_job (out, found);
+      if (state && strcmp (state, "done") != 0) {
+        snap_error ("%s: job %s", cmd->name, state);
+        json_free (reply);
+        return -1;
+      }
+    }
+    else if (!json_output)
+      fprintf (out, "no jobs running\n");
+    json_free (reply);
+    return 0;
+  }
+}
