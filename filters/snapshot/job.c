@@ -157,110 +157,133 @@ origin_flush (void)
   return 0;
 }
 
-/* Write page p's bytes (plen) into layer l and set its bit. */
-static int
-layer_put_page (struct layer *l, const char *buf, uint64_t p)
-{
-  uint64_t off = p << PAGE_SHIFT;
-  uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
-
-  if (full_pwrite (l->data_fd, buf, plen, off) == -1)
-    return -1;
-  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
-  return sbitmap_set (&l->map, p) == -1 ? -1 : 0;
-}
-
-/* What one step of a job does to the pages [p, e) (store.lock shared,
- * the page range locked).  Returns 0 or -1 with errno set.
+/* Copying goes by runs of consecutive pages (at most a chunk), so a
+ * chunk costs a few large reads and writes rather than one per page.
  */
-typedef int (*step_fn) (struct job *j, uint64_t p, uint64_t e);
+static char job_buf[CHUNK_PAGES * PAGE_SIZE_BYTES];
 
-static int
-step_commit (struct job *j, uint64_t p, uint64_t e)
+static bool
+is_zero (const char *buf, size_t len)
 {
-  struct layer *up = store.layers[j->upper];
-  char page[PAGE_SIZE_BYTES];
+  static const char zero[PAGE_SIZE_BYTES];
 
-  for (; p < e; ++p) {
-    uint64_t off = p << PAGE_SHIFT;
-    uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
-
-    if (!sbitmap_test (&up->map, p))
-      continue;
-    if (full_pread (up->data_fd, page, plen, off) == -1)
-      return -1;
-    if (j->lower < 0) {
-      if (origin_pwrite (page, plen, off) == -1)
-        return -1;
-    }
-    else if (layer_put_page (store.layers[j->lower], page, p) == -1)
-      return -1;
-    __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
-  }
-  return 0;
+  for (size_t o = 0; o < len; o += PAGE_SIZE_BYTES)
+    if (memcmp (buf + o, zero, MIN ((size_t) PAGE_SIZE_BYTES, len - o)))
+      return false;
+  return true;
 }
 
-static int
-step_stream (struct job *j, uint64_t p, uint64_t e)
+/* Byte range of pages [p, q), clipped to the volume. */
+static inline uint64_t
+run_off (uint64_t p)
 {
-  struct layer *up = store.layers[j->upper];
-  char page[PAGE_SIZE_BYTES];
-
-  for (; p < e; ++p) {
-    uint64_t off = p << PAGE_SHIFT;
-    uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
-
-    if (j->lower >= 0 && !sbitmap_test (&store.layers[j->lower]->map, p))
-      continue;
-    if (sbitmap_test (&up->map, p)) {
-      /* A client wrote it since the plan: nothing to copy. */
-      if (j->lower < 0)
-        __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
-      continue;
-    }
-    if (j->lower < 0 ? origin_pread (page, plen, off) == -1
-        : full_pread (store.layers[j->lower]->data_fd, page, plen, off) == -1)
-      return -1;
-    if (layer_put_page (up, page, p) == -1)
-      return -1;
-    __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
-  }
-  return 0;
+  return p << PAGE_SHIFT;
 }
 
-static int
-step_revert (struct job *j, uint64_t p, uint64_t e)
+static inline uint64_t
+run_len (uint64_t p, uint64_t q)
 {
-  struct layer *top = store.layers[store.nlayers - 1];
-  char page[PAGE_SIZE_BYTES];
-  int err;
+  return MIN (q << PAGE_SHIFT, store.size) - (p << PAGE_SHIFT);
+}
 
-  for (; p < e; ++p) {
-    uint64_t off = p << PAGE_SHIFT;
-    uint32_t plen = MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - off);
-    bool changed = false;
+/* Store pages [p, q) from buf into layer l and set their bits.  An
+ * all-zero run becomes a hole (it reads as zeros and takes no space).
+ */
+static int
+layer_put (struct layer *l, const char *buf, uint64_t p, uint64_t q)
+{
+  uint64_t off = run_off (p), len = run_len (p, q);
 
-    for (size_t i = store.revert_depth; i < store.nlayers - 1; ++i)
-      if (sbitmap_test (&store.layers[i]->map, p)) {
-        changed = true;
-        break;
-      }
-    if (!changed)
-      continue;
-    if (!sbitmap_test (&top->map, p)) {
-      int r;
-      {
-        ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
-        r = view_pread (bg_next, store.revert_depth, page, plen, off, &err);
-      }
-      if (r == -1) {
-        errno = err;
-        return -1;
-      }
-      if (layer_put_page (top, page, p) == -1)
-        return -1;
+  if (!is_zero (buf, len) ||
+      fallocate (l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 off, len) == -1) {
+    if (full_pwrite (l->data_fd, buf, len, off) == -1)
+      return -1;
+  }
+  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+  return sbitmap_set_range (&l->map, p, q - p) == -1 ? -1 : 0;
+}
+
+/* What a job copies, page by page (store.lock shared, pages locked). */
+static bool
+want_commit (struct job *j, uint64_t p)
+{
+  return sbitmap_test (&store.layers[j->upper]->map, p);
+}
+
+static bool
+want_stream (struct job *j, uint64_t p)
+{
+  if (sbitmap_test (&store.layers[j->upper]->map, p))
+    return false;               /* upper has it (maybe a client wrote it) */
+  return j->lower < 0 || sbitmap_test (&store.layers[j->lower]->map, p);
+}
+
+static bool
+want_revert (struct job *j, uint64_t p)
+{
+  if (sbitmap_test (&store.layers[store.nlayers - 1]->map, p))
+    return false;
+  /* Changed since the snapshot: held by a layer outside its view. */
+  for (size_t i = store.revert_depth; i < store.nlayers - 1; ++i)
+    if (sbitmap_test (&store.layers[i]->map, p))
+      return true;
+  return false;
+}
+
+/* Copy one run [p, q) for job j. */
+static int
+copy_run (struct job *j, uint64_t p, uint64_t q)
+{
+  const uint64_t off = run_off (p), len = run_len (p, q);
+  int err = 0, r;
+
+  if (j->kind == JOB_REVERT) {
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
+      r = view_pread (bg_next, store.revert_depth, job_buf, len, off, &err);
     }
-    __atomic_add_fetch (&j->bytes_done, plen, __ATOMIC_SEQ_CST);
+    if (r == -1) {
+      errno = err;
+      return -1;
+    }
+    return layer_put (store.layers[store.nlayers - 1], job_buf, p, q);
+  }
+  if (j->strategy == STRATEGY_COMMIT) {
+    if (full_pread (store.layers[j->upper]->data_fd, job_buf, len, off) == -1)
+      return -1;
+    if (j->lower >= 0)
+      return layer_put (store.layers[j->lower], job_buf, p, q);
+    return origin_pwrite (job_buf, len, off);
+  }
+  if (j->lower >= 0
+      ? full_pread (store.layers[j->lower]->data_fd, job_buf, len, off)
+      : origin_pread (job_buf, len, off))
+    return -1;
+  return layer_put (store.layers[j->upper], job_buf, p, q);
+}
+
+/* One step: copy every wanted page of [p, e) in runs. */
+static int
+job_step (struct job *j, uint64_t p, uint64_t e)
+{
+  bool (*want) (struct job *, uint64_t) =
+    j->kind == JOB_REVERT ? want_revert
+    : j->strategy == STRATEGY_COMMIT ? want_commit : want_stream;
+
+  while (p < e) {
+    uint64_t q;
+
+    while (p < e && !want (j, p))
+      p++;
+    for (q = p; q < e && want (j, q); ++q)
+      ;
+    if (q > p) {
+      if (copy_run (j, p, q) == -1)
+        return -1;
+      __atomic_add_fetch (&j->bytes_done, run_len (p, q), __ATOMIC_SEQ_CST);
+    }
+    p = q;
   }
   return 0;
 }
@@ -290,7 +313,7 @@ job_sync (struct job *j)
  * and store.lock shared, so clients keep going between chunks.
  */
 static int
-job_scan (struct job *j, step_fn step)
+job_scan (struct job *j)
 {
   uint64_t p = 0, since_sync = 0;
 
@@ -310,7 +333,7 @@ job_scan (struct job *j, step_fn step)
     {
       ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
       rangelock_acquire (&store.pages, &r, p, e - 1);
-      ret = step (j, p, e);
+      ret = job_step (j, p, e);
       rangelock_release (&store.pages, &r);
       if (ret == 0 && (since_sync += e - p) >= SYNC_EVERY_PAGES) {
         ret = job_sync (j);
@@ -320,6 +343,14 @@ job_scan (struct job *j, step_fn step)
     if (ret == -1)
       return -1;
     p = e;
+    /* -D snapshot.job_delay=US slows jobs down, for crash tests. */
+    if (snapshot_debug_job_delay > 0) {
+      struct timespec ts = {
+        .tv_sec = snapshot_debug_job_delay / 1000000,
+        .tv_nsec = snapshot_debug_job_delay % 1000000 * 1000,
+      };
+      nanosleep (&ts, NULL);
+    }
   }
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
   return job_sync (j);
@@ -505,13 +536,10 @@ job_main (void *arg)
 {
   struct job *j = arg;
   char *errmsg = NULL;
-  step_fn step;
   int r;
 
-  step = j->kind == JOB_REVERT ? step_revert
-    : j->strategy == STRATEGY_COMMIT ? step_commit : step_stream;
   nbdkit_debug ("snapshot: job %" PRIu64 " started", j->id);
-  r = job_scan (j, step);
+  r = job_scan (j);
   if (r == -1 && errno == ESHUTDOWN) {
     /* nbdkit is stopping: the journal keeps the job for next time. */
     nbdkit_debug ("snapshot: job %" PRIu64 " interrupted by shutdown",
@@ -530,9 +558,8 @@ job_main (void *arg)
       abandon_job (j);
     }
   }
-  if (r == 0)
-    __atomic_store_n (&j->bytes_done, j->bytes_total, __ATOMIC_SEQ_CST);
   if (r == 0) {
+    __atomic_store_n (&j->bytes_done, j->bytes_total, __ATOMIC_SEQ_CST);
     nbdkit_debug ("snapshot: job %" PRIu64 " done", j->id);
     job_done (j, JOB_STATE_DONE, NULL);
   }
@@ -651,18 +678,6 @@ push_layer (void)
   return 0;
 }
 
-/* Open a frozen layer's map for writing (a commit writes into it). */
-static int
-reopen_map (struct layer *l)
-{
-  CLEANUP_FREE char *path = layer_path (l->id, "map");
-
-  if (l->map_fd >= 0)
-    return 0;
-  l->map_fd = path ? open (path, O_RDWR | O_CLOEXEC) : -1;
-  return l->map_fd == -1 ? -1 : 0;
-}
-
 uint64_t
 job_start_delete (const char *name, int strategy, const char *output,
                   bool keep_bitmap, bool origin_writable,
@@ -740,9 +755,6 @@ job_start_delete (const char *name, int strategy, const char *output,
   /* A commit needs upper quiet: if clients write it, start a new top. */
   if (strategy == STRATEGY_COMMIT && up == store.nlayers - 1 &&
       push_layer () == -1)
-    goto err_job;
-  if (strategy == STRATEGY_COMMIT && lo >= 0 &&
-      reopen_map (store.layers[lo]) == -1)
     goto err_job;
 
   store.m.job.kind = JOB_DELETE;
@@ -893,12 +905,6 @@ job_resume (void)
       nbdkit_error ("snapshot: the manifest names job %" PRIu64 " on '%s', "
                     "which is not a snapshot (the store is damaged)",
                     j->id, j->name);
-      free (j);
-      return -1;
-    }
-    if (j->kind == JOB_DELETE && j->strategy == STRATEGY_COMMIT &&
-        j->lower >= 0 && reopen_map (store.layers[j->lower]) == -1) {
-      nbdkit_error ("snapshot: job %" PRIu64 ": %m", j->id);
       free (j);
       return -1;
     }

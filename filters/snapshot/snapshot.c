@@ -30,6 +30,11 @@ uint32_t block_size_param;
 /* -D snapshot.verbose=1 logs each request's routing. */
 NBDKIT_DLL_PUBLIC int snapshot_debug_verbose = 0;
 
+/* -D snapshot.job_delay=US sleeps US microseconds after each 1 MiB
+ * step of a background job (to give crash tests time to strike).
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_job_delay = 0;
+
 /* A context on the plugin opened in .after_fork, used by the control
  * thread (to flush the origin when the first snapshot freezes it).
  * Protected by bg_lock.
@@ -219,8 +224,7 @@ origin_writable (void)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
 
-  return bg_writable && bg_next && bg_next->can_write (bg_next) == 1 &&
-    !server_readonly ();
+  return bg_writable && !server_readonly ();
 }
 
 int
@@ -263,6 +267,11 @@ snapshot_after_fork (nbdkit_backend *backend)
   }
   size = bg_next->get_size (bg_next);
   if (size == -1)
+    return -1;
+  /* nbdkit checks a context's capabilities before data calls: ask now. */
+  if (bg_writable && bg_next->can_write (bg_next) != 1)
+    bg_writable = false;
+  if (bg_next->can_flush (bg_next) == -1)
     return -1;
   if (store_open (size) == -1)
     return -1;

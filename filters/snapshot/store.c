@@ -219,8 +219,28 @@ layer_flush (struct layer *l)
     goto out;
   if ((data_dirty || batch.n > 0) && fdatasync (l->data_fd) == -1)
     goto out;
-  if (l->map_fd >= 0 && mapfile_write (l->map_fd, &batch) == -1)
-    goto out;
+  if (batch.n > 0) {
+    /* A frozen layer gains pages only from a merge job; its map file
+     * is opened just for the write.
+     */
+    int fd = l->map_fd;
+    if (fd == -1) {
+      CLEANUP_FREE char *path = layer_path (l->id, "map");
+      fd = path ? open (path, O_RDWR | O_CLOEXEC) : -1;
+      if (fd == -1)
+        goto out;
+    }
+    if (mapfile_write (fd, &batch) == -1) {
+      if (fd != l->map_fd) {
+        int e = errno;
+        close (fd);
+        errno = e;
+      }
+      goto out;
+    }
+    if (fd != l->map_fd)
+      close (fd);
+  }
   r = 0;
  out:
   if (r == -1) {

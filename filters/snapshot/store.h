@@ -147,6 +147,7 @@ extern const char *control_param;
 extern const char *create_param;
 extern uint32_t block_size_param;     /* 0 = not given */
 extern int snapshot_debug_verbose;
+extern int snapshot_debug_job_delay;
 
 /* Lock DIR (creating it if needed).  Called before forking so a second
  * server fails on the command line.  Return 0 or -1 (error reported).

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# nbdkit-snapshot
+# Guarantee 4: a merge or revert interrupted by kill -9 leaves every
+# view intact and finishes on restart.  Five rounds on one store, each
+# killing the server at a random point of its job (the point is
+# printed; -D snapshot.job_delay slows jobs so the kill lands inside):
+#   1. commit of the oldest snapshot into the origin;
+#   2. stream of a middle snapshot (two layers merge);
+#   3. revert to a snapshot;
+#   4. commit of the newest snapshot (its layer is the live one);
+#   5. stream of the oldest snapshot (the origin is retired).
+# After each restart, before and after the resumed job ends, every
+# remaining snapshot and the live volume read as saved.
+
+source ./functions.sh
+set -e
+set -x
+
+requires nbdsh --version
+requires nbdcopy --version
+requires jq --version
+
+origin=$tmp/origin.img
+store=$tmp/store
+sock=$tmp/nbd.sock
+
+start ()
+{
+    start_nbdkit -P $tmp/nbdkit.pid -U $sock \
+                 -D snapshot.job_delay=30000 \
+                 --filter=$FILTER file $origin snapshot-store=$store
+}
+
+# Random 64K writes over a fifth of the volume, seeded.
+scribble ()
+{
+    nbdsh -u "$(nbd_uri $sock)" -c "
+import random
+rng = random.Random($1)
+size = h.get_size()
+for i in range(size // 65536 // 5):
+    h.pwrite(rng.randbytes(65536), rng.randrange(0, size // 65536) * 65536)
+h.flush()
+"
+}
+
+# verify NAME...: each snap/NAME reads as saved; and the live volume.
+verify ()
+{
+    local s
+    for s in "$@"; do
+        [ "$(export_md5 $sock snap/$s)" = "$(md5 $tmp/$s.img)" ] ||
+            fail "snap/$s changed"
+    done
+    [ "$(export_md5 $sock)" = "$(md5 $tmp/live.img)" ] ||
+        fail "the live volume changed"
+}
+
+job_field ()
+{
+    nbdsnap -c $store --json jobs | jq -r ".jobs[-1].$1"
+}
+
+done_at_least ()
+{
+    [ "$(job_field state)" != running ] ||
+        [ "$(job_field bytes_done)" -ge "$1" ]
+}
+
+# crash_round SEED NBDSNAP-ARGS...: start the job, kill -9 at a random
+# point, restart, check, let the resumed job finish, check again.
+crash_round ()
+{
+    local seed=$1 total pct
+    shift
+    nbdsnap -c $store "$@"
+    total=$(job_field bytes_total)
+    pct=$(( 10 + seed % 80 ))
+    echo "kill -9 once $pct% of $total bytes are done: $*"
+    wait_for done_at_least $(( total * pct / 100 ))
+    stop_nbdkit $nbdkit_pid KILL
+    # The journal names the job unless the kill came after it ended.
+    had_job=0
+    if grep -q '^job ' $store/manifest; then had_job=1; fi
+    start
+    verify "${remaining[@]}"
+    # The job resumes and finishes.
+    if [ $had_job = 1 ]; then
+        nbdsnap -c $store wait
+        nbdsnap -c $store --json jobs > $tmp/jobs.json
+        jq -e '.jobs[-1].state == "done" and .jobs[-1].resumed' $tmp/jobs.json ||
+            fail "the job did not finish after the restart"
+    else
+        echo "note: the job had ended before the kill"
+    fi
+    verify "${remaining[@]}"
+}
+
+make_origin $origin 64M
+start
+for i in 1 2 3 4 5; do
+    scribble $i
+    nbdsnap -c $store create s$i
+    save_export $sock snap/s$i $tmp/s$i.img
+done
+scribble 6
+save_export $sock "" $tmp/live.img
+
+remaining=(s2 s3 s4 s5)
+crash_round $RANDOM delete s1 --strategy=commit
+
+remaining=(s2 s4 s5)
+crash_round $RANDOM delete s3 --strategy=stream
+
+# After a revert the live volume is s4.
+cp $tmp/s4.img $tmp/live.img
+crash_round $RANDOM revert s4
+nbdsnap -c $store --json list |
+    jq -e '[.checkpoints[].name] == ["s2", "s4", "s5"]'
+
+# A write after the revert, so the newest layer has fresh data.
+scribble 7
+save_export $sock "" $tmp/live.img
+remaining=(s2 s4)
+crash_round $RANDOM delete s5 --strategy=commit
+
+remaining=(s4)
+crash_round $RANDOM delete s2 --strategy=stream
+grep -q '^origin retired$' $store/manifest
+
+# The journal is empty and a last restart reads the same.
+! grep -q '^job ' $store/manifest
+stop_nbdkit $nbdkit_pid
+start
+verify s4
