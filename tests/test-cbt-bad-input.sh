@@ -61,7 +61,7 @@ expect_error "checkpoint 'a' already exists" create a --bitmap-only
 expect_error "checkpoint 's1' already exists" create s1 --bitmap-only
 expect_error "no checkpoint named 'zz'" delete zz
 expect_error "no checkpoint named 'zz'" info zz
-expect_error "'s1' is a snapshot" delete s1
+expect_error "'a' is a bitmap-only checkpoint: it has no data to merge" delete a --strategy=commit
 
 # Deleting a checkpoint that a dirty/ export is reading is refused
 # while the connection is open, then works.
