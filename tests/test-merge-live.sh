@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# nbdkit-snapshot
+# Merges run while clients work.  A 128M volume; s1, then 96M written
+# into its layer; s2.  While a job runs, a background nbdsh client
+# does a bounded, seeded series of random reads, writes, zeroes and
+# flushes, some of them many in flight at once, over the whole live
+# volume.  It keeps its own model (the live volume as saved before it
+# started, with its writes applied) and checks every read against it;
+# afterwards the whole live volume equals the model.
+#   1. delete s1 by commit: its 96M layer goes into the origin, while
+#      snap/s2 (which reads that layer) is read and must not change;
+#   2. delete s2 by stream: the origin's pages go up into the layer the
+#      client is writing; a snapshot s3 taken meanwhile must not
+#      change either.
+# The jobs are slowed with -D snapshot.job_delay (20 ms per MiB: 2.6 s
+# at least for the volume), so that each is still running when the
+# client starts; this is checked.  While each runs, its progress never
+# goes backwards or past its total.  A restart at the end: the same.
+
+source ./functions.sh
+set -e
+set -x
+
+requires nbdsh --version
+requires nbdcopy --version
+requires jq --version
+
+origin=$tmp/origin.img
+store=$tmp/store
+sock=$tmp/nbd.sock
+size=$((128 * 1024 * 1024))
+
+start ()
+{
+    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=20000 \
+                 --filter=$FILTER file $origin snapshot-store=$store
+}
+
+# The client: CLIENT_SEED, CLIENT_OPS operations, starting from the
+# image CLIENT_START.  Once loaded and connected it touches
+# CLIENT_READY and waits for a line on the fifo CLIENT_GO; it touches
+# CLIENT_STARTED once its first operation is done, and writes its
+# model to CLIENT_MODEL at the end.
+cat > $tmp/client.py <<'EOF'
+import os, random
+rng = random.Random(int(os.environ["CLIENT_SEED"]))
+nops = int(os.environ["CLIENT_OPS"])
+with open(os.environ["CLIENT_START"], "rb") as f:
+    model = bytearray(f.read())
+size = len(model)
+assert h.get_size() == size
+open(os.environ["CLIENT_READY"], "w").close()
+open(os.environ["CLIENT_GO"]).read()
+
+def length():
+    return rng.choice([rng.randint(1, 4096), rng.randint(4096, 131072),
+                       65536, 262144])
+
+def verify(got, off, what):
+    want = model[off:off + len(got)]
+    if got != want:
+        i = next(i for i in range(len(got)) if got[i] != want[i])
+        raise AssertionError("%s: offset %d: read %#x, expected %#x" %
+                             (what, off + i, got[i], want[i]))
+
+for i in range(nops):
+    if i == 1:
+        open(os.environ["CLIENT_STARTED"], "w").close()
+    r = rng.random()
+    if r < 0.15:
+        # Up to 8 requests in flight, in distinct MiB slots so they
+        # cannot overlap: the result does not depend on their order.
+        slots = rng.sample(range(size >> 20), 8)
+        reqs = []
+        for s in slots:
+            n = rng.randint(1, 262144)
+            off = (s << 20) + rng.randrange(0, (1 << 20) - n + 1)
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)
+                buf = nbd.Buffer.from_bytearray(bytearray(data))
+                reqs.append(("w", off, data, buf, h.aio_pwrite(buf, off)))
+            else:
+                buf = nbd.Buffer(n)
+                reqs.append(("r", off, None, buf, h.aio_pread(buf, off)))
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for kind, off, data, buf, cookie in reqs:
+            h.aio_command_completed(cookie)
+            if kind == "w":
+                model[off:off + len(data)] = data
+        for kind, off, data, buf, cookie in reqs:
+            if kind == "r":
+                verify(buf.to_bytearray(), off, "op %d (in flight)" % i)
+        continue
+    n = length()
+    off = rng.randrange(0, size - n + 1)
+    if r < 0.5:
+        data = rng.randbytes(n)
+        h.pwrite(data, off)
+        model[off:off + n] = data
+    elif r < 0.55:
+        h.zero(n, off)
+        model[off:off + n] = bytes(n)
+    elif r < 0.6:
+        h.flush()
+    else:
+        verify(h.pread(n, off), off, "op %d" % i)
+h.flush()
+with open(os.environ["CLIENT_MODEL"], "wb") as f:
+    f.write(model)
+print("client: %d operations checked" % nops)
+EOF
+
+job_field ()
+{
+    nbdsnap -c $store --json jobs |
+        jq -r --argjson id $job ".jobs[] | select(.id == \$id) | .$1"
+}
+
+# progress_ok: the job's progress is sane and never goes backwards;
+# succeed once it has ended.
+progress_ok ()
+{
+    local j state done total
+    j=$(nbdsnap -c $store --json jobs |
+            jq -c --argjson id $job '.jobs[] | select(.id == $id)')
+    state=$(jq -r .state <<<"$j")
+    done=$(jq .bytes_done <<<"$j")
+    total=$(jq .bytes_total <<<"$j")
+    [ "$done" -le "$total" ] ||
+        fail "job $job: bytes_done $done > bytes_total $total"
+    [ "$done" -ge "$last_done" ] ||
+        fail "job $job: bytes_done went back from $last_done to $done"
+    last_done=$done
+    [ "$state" != running ]
+}
+
+# run_with_client SEED NBDSNAP-DELETE-ARGS...: start the client (it
+# loads its model and waits), start the job, check it is running, let
+# the client go; then wait for both.  While they run, call during_job
+# (defined by the caller).  Afterwards the live volume is the client's
+# model, in $REF.
+run_with_client ()
+{
+    local seed=$1 client state
+    shift
+    save_export $sock "" $tmp/start-$seed.img
+    rm -f $tmp/ready $tmp/started $tmp/go
+    mkfifo $tmp/go
+    CLIENT_SEED=$seed CLIENT_OPS=600 CLIENT_START=$tmp/start-$seed.img \
+    CLIENT_MODEL=$tmp/model-$seed.img CLIENT_READY=$tmp/ready \
+    CLIENT_GO=$tmp/go CLIENT_STARTED=$tmp/started \
+        nbdsh -u "$(nbd_uri $sock)" -c "exec(open('$tmp/client.py').read())" &
+    client=$!
+    cleanup_fn kill $client
+    wait_for test -e $tmp/ready
+
+    nbdsnap -c $store --json delete "$@" > $tmp/reply.json
+    cat $tmp/reply.json
+    job=$(jq .job.id $tmp/reply.json)
+    state=$(job_field state)
+    [ "$state" = running ] ||
+        fail "job $job was $state before the client started:" \
+             "the volume must be bigger (or job_delay longer)"
+    echo go > $tmp/go
+    wait_for test -e $tmp/started
+    state=$(job_field state)
+    [ "$state" = running ] ||
+        fail "job $job was $state once the client had started:" \
+             "the volume must be bigger (or job_delay longer)"
+    during_job
+    last_done=0
+    wait_for progress_ok
+    [ "$(job_field state)" = done ] || fail "job $job: $(job_field error)"
+    [ "$(job_field bytes_done)" = "$(job_field bytes_total)" ]
+    wait $client || fail "the client failed (see above)"
+    REF=$tmp/model-$seed.img
+    [ "$(export_md5 $sock)" = "$(md5 $REF)" ] ||
+        fail "the live volume is not the client's model after job $job"
+}
+
+make_origin $origin 128M
+start
+nbdsnap -c $store create s1
+nbdsh -u "$(nbd_uri $sock)" -c '
+import random
+rng = random.Random(1)
+for off in range(0, 96 << 20, 1 << 20):
+    h.pwrite(rng.randbytes(1 << 20), off)
+h.pwrite(rng.randbytes(65536), 100 << 20)
+h.flush()
+'
+nbdsnap -c $store create s2
+save_export $sock snap/s2 $tmp/s2.img
+nbdsh -u "$(nbd_uri $sock)" -c 'h.pwrite(b"\x5a" * 300000, 90 << 20)'
+
+# 1. Commit s1's layer into the origin.
+during_job ()
+{
+    [ "$(export_md5 $sock snap/s2)" = "$(md5 $tmp/s2.img)" ] ||
+        fail "snap/s2 changed during the commit of s1"
+}
+run_with_client 1 s1 --strategy=commit
+jq -e '.job.strategy == "commit" and .job.commit_bytes >= (96 * 1048576)' \
+   $tmp/reply.json
+[ "$(export_md5 $sock snap/s2)" = "$(md5 $tmp/s2.img)" ] ||
+    fail "snap/s2 changed after the commit of s1"
+cmp $origin $tmp/s2.img || fail "the origin is not s2 after the commit"
+
+# 2. Stream the origin into the layer the client writes; take s3
+# meanwhile.
+during_job ()
+{
+    nbdsnap -c $store create s3
+    save_export $sock snap/s3 $tmp/s3.img
+}
+run_with_client 2 s2 --strategy=stream
+jq -e '.job.strategy == "stream" and .job.stream_bytes >= (64 * 1048576)' \
+   $tmp/reply.json
+[ "$(export_md5 $sock snap/s3)" = "$(md5 $tmp/s3.img)" ] ||
+    fail "snap/s3 changed while s2 was streamed"
+nbdsnap -c $store --json list |
+    jq -e '[.checkpoints[].name] == ["s3"]'
+
+# Restart: the same.
+stop_nbdkit $nbdkit_pid
+start
+[ "$(export_md5 $sock)" = "$(md5 $REF)" ] ||
+    fail "the live volume changed across the restart"
+[ "$(export_md5 $sock snap/s3)" = "$(md5 $tmp/s3.img)" ] ||
+    fail "snap/s3 changed across the restart"

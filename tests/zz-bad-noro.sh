@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# nbdkit-snapshot
+# Merge jobs refuse bad input with clear errors and lose nothing.
+# Each refusal exits 1 with nothing on stdout and the reason on
+# stderr: an unknown snapshot; a bad strategy; --output onto an
+# existing file, with commit, or for a snapshot that is not the
+# oldest; merge options and revert for a bitmap-only checkpoint; an
+# unknown job to cancel or wait for; a snapshot in use by a snap/ or
+# dirty/ connection; a second job on the same snapshot, or on another,
+# while one runs; a snapshot taken during a revert; cancelling a
+# revert.  A cancelled delete leaves everything as it was.  Afterwards
+# every view reads as before.  Then commit into a read-only origin
+# (nbdkit -r; a read-only plugin) is refused, and auto streams
+# instead.  Last, a connection to snap/S opened while S is being
+# deleted must not bring the server down.
+
+source ./functions.sh
+set -e
+set -x
+
+requires nbdsh --version
+requires nbdcopy --version
+requires jq --version
+
+origin=$tmp/origin.img
+store=$tmp/store
+sock=$tmp/nbd.sock
+bs=65536
+
+# Jobs are slowed down (100 ms per MiB, 3.2 s for the volume) so that
+# they are still running while other requests are refused.
+start ()
+{
+    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=100000 \
+                 "$@"
+}
+
+# expect_error [-c STORE] MESSAGE NBDSNAP-ARGS...: exit status 1,
+# nothing on stdout, and the message on stderr.
+expect_error ()
+{
+    local st=$store msg status=0
+    if [ "$1" = -c ]; then st=$2; shift 2; fi
+    msg="$1"
+    shift
+    nbdsnap -c $st "$@" > $tmp/out 2> $tmp/err || status=$?
+    cat $tmp/out $tmp/err
+    [ "$status" -eq 1 ] || fail "nbdsnap $*: exit status $status, expected 1"
+    [ ! -s $tmp/out ] || fail "nbdsnap $*: printed to stdout on error"
+    grep -F -- "$msg" $tmp/err ||
+        fail "nbdsnap $*: no '$msg' in: $(cat $tmp/err)"
+}
+
+# scribble SEED: some random writes to the live volume of $sock.
+scribble ()
+{
+    nbdsh -u "$(nbd_uri $sock)" -c "
+import random
+rng = random.Random($1)
+size = h.get_size()
+for i in range(20):
+    n = rng.randint(1, 3 * $bs)
+    h.pwrite(rng.randbytes(n), rng.randrange(0, size - n + 1))
+h.flush()
+"
+}
+
+# verify NAME...: each snap/NAME reads as $tmp/NAME.img, and the live
+# volume as $tmp/live.img.
+verify ()
+{
+    local s
+    for s in "$@"; do
+        [ "$(export_md5 $sock snap/$s)" = "$(md5 $tmp/$s.img)" ] ||
+            fail "snap/$s changed"
+    done
+    [ "$(export_md5 $sock)" = "$(md5 $tmp/live.img)" ] ||
+        fail "the live volume changed"
+}
+
+checkpoints ()
+{
+    nbdsnap -c $store --json list |
+        jq -r '[.checkpoints[] | "\(.name):\(.kind)"] | join(" ")'
+}
+
+# job_state ID
+job_state ()
+{
+    nbdsnap -c $store --json jobs |
+        jq -r --argjson id $1 '.jobs[] | select(.id == $id) | .state'
+}
+
+# hold EXPORT NAME: keep a connection to EXPORT open in the background
+# until release NAME.
+hold ()
+{
+    rm -f $tmp/ready-$2
+    mkfifo $tmp/go-$2
+    nbdsh -u "$(nbd_uri $sock $1)" -c "
+h.pread(4096, 0)
+open('$tmp/ready-$2', 'w').close()
+open('$tmp/go-$2').read()
+" &
+    eval holder_$2=$!
+    cleanup_fn kill $!
+    wait_for test -e $tmp/ready-$2
+}
+
+release ()
+{
+    local pid
+    eval pid=\$holder_$1
+    echo go > $tmp/go-$1
+    wait $pid || fail "the connection held as $1 failed"
+    rm -f $tmp/go-$1
+}
+
+make_origin $origin 32M
+start --filter=$FILTER file $origin snapshot-store=$store
+
+scribble 1
+nbdsnap -c $store create s1
+cp $origin $tmp/origin0.img     # frozen from now on
+scribble 2
+nbdsnap -c $store create s2
+scribble 3
+nbdsnap -c $store create b1 --bitmap-only
+scribble 4
+nbdsnap -c $store create s3
+scribble 5
+for s in s1 s2 s3; do
+    save_export $sock snap/$s $tmp/$s.img
+done
+save_export $sock "" $tmp/live.img
+list0="s1:snapshot s2:snapshot b1:bitmap s3:snapshot"
+[ "$(checkpoints)" = "$list0" ]
+
+# Unknown names, bad options.
+expect_error "nbdsnap: delete: no checkpoint named 'nosuch'" delete nosuch
+expect_error "no checkpoint named 'nosuch'" delete nosuch --strategy=stream
+expect_error "nbdsnap: revert: no checkpoint named 'nosuch'" revert nosuch
+expect_error "--strategy=sideways: expected auto, commit or stream" \
+             delete s1 --strategy=sideways
+touch $tmp/exists.img
+expect_error "the file exists" delete s1 --strategy=stream \
+             --output=$tmp/exists.img
+[ ! -s $tmp/exists.img ] || fail "--output wrote over an existing file"
+expect_error "--output applies only when" \
+             delete s1 --strategy=commit --output=$tmp/new.img
+expect_error "--output applies only when" \
+             delete s2 --strategy=stream --output=$tmp/new.img
+[ ! -e $tmp/new.img ] || fail "a refused --output created the file"
+
+# A bitmap-only checkpoint has no data to merge or revert to.
+for opt in --strategy=commit --strategy=stream --keep-bitmap \
+           --output=$tmp/new.img; do
+    expect_error "'b1' is a bitmap-only checkpoint: it has no data to merge" \
+                 delete b1 $opt
+done
+expect_error "'b1' is a bitmap-only checkpoint: it keeps no data to revert to" \
+             revert b1
+
+# Unknown jobs.
+expect_error "nbdsnap: cancel: no running job 999999" cancel 999999
+expect_error "'abc' is not a job id" cancel abc
+expect_error "nbdsnap: wait: no job 999999" wait 999999
+[ "$(checkpoints)" = "$list0" ] || fail "refused requests changed the list"
+nbdsnap -c $store --json jobs | jq -e '.jobs == []'
+
+# A snapshot read by a connection cannot be deleted.
+hold snap/s2 a
+hold dirty/s1 b
+expect_error "snapshot 's2' is in use by 1 connection" delete s2
+expect_error "snapshot 's1' is in use by 1 connection" delete s1 --strategy=stream
+hold snap/s2 c
+expect_error "snapshot 's2' is in use by 2 connections" delete s2
+release a
+release b
+release c
+nbdsnap -c $store --json jobs | jq -e '.jobs == []'
+
+# One job at a time.
+nbdsnap -c $store --json delete s1 --strategy=stream > $tmp/reply.json
+job=$(jq .job.id $tmp/reply.json)
+running="snapshot 's1' already has a job running (job $job, delete)"
+expect_error "$running" delete s1
+expect_error "$running" delete s1 --strategy=commit
+expect_error "$running" revert s1
+other="job $job (delete s1) is running: one job at a time"
+expect_error "$other" delete s2
+expect_error "$other" delete s3 --strategy=commit
+expect_error "$other" revert s2
+expect_error "$other" delete b1
+[ "$(job_state $job)" = running ] ||
+    fail "job $job ended before the checks were done (raise job_delay)"
+# Cancelled, it leaves everything as it was.
+nbdsnap -c $store cancel $job
+status=0
+nbdsnap -c $store wait $job > $tmp/out 2> $tmp/err || status=$?
+cat $tmp/out $tmp/err
+[ "$status" -eq 1 ] || fail "wait for a cancelled job: exit status $status"
+grep -F "nbdsnap: wait: job cancelled" $tmp/err
+[ "$(job_state $job)" = cancelled ]
+expect_error "no running job $job" cancel $job
+[ "$(checkpoints)" = "$list0" ] || fail "a cancelled delete changed the list"
+verify s1 s2 s3
+cmp $origin $tmp/origin0.img || fail "the origin changed"
+
+# A revert cannot be cancelled, and no snapshot is taken during it.
+nbdsnap -c $store --json revert s3 > $tmp/reply.json
+job=$(jq .job.id $tmp/reply.json)
+expect_error "job $job is a revert, which cannot stop half way" cancel $job
+expect_error "a revert to 's3' is in progress" create s9
+expect_error "job $job (revert s3) is running: one job at a time" delete s2
+[ "$(job_state $job)" = running ] ||
+    fail "job $job ended before the checks were done (raise job_delay)"
+nbdsnap -c $store wait $job
+[ "$(job_state $job)" = done ]
+cp $tmp/s3.img $tmp/live.img
+verify s1 s2 s3
+[ "$(checkpoints)" = "$list0" ] || fail "the revert changed the list"
+
+# After all of it, and a restart, every view reads as before.
+stop_nbdkit $nbdkit_pid
+start --filter=$FILTER file $origin snapshot-store=$store
+verify s1 s2 s3
+[ "$(checkpoints)" = "$list0" ]
+cmp $origin $tmp/origin0.img || fail "the origin changed"
+stop_nbdkit $nbdkit_pid
+
+# A read-only origin cannot take a commit; auto streams instead.
+# ro_check STORE [--output=FILE]: s1 (the only snapshot) holds a few
+# changed blocks, so commit is the cheaper; the server is read-only.
+ro_check ()
+{
+    local st=$1 job
+    shift
+    nbdsnap -c $st --json list | jq -e '[.checkpoints[].name] == ["s1"]'
+    nbdsnap -c $st --json jobs | jq -e '.jobs == []'
+    nbdsnap -c $st --json delete s1 "$@" > $tmp/reply.json
+    cat $tmp/reply.json
+    jq -e '.job.strategy == "stream" and
+           .job.commit_bytes < .job.stream_bytes' $tmp/reply.json
+    job=$(jq .job.id $tmp/reply.json)
+    nbdsnap -c $st wait $job
+    [ "$(export_md5 $sock)" = "$(md5 $tmp/ro-live.img)" ] ||
+        fail "$st: the live volume changed"
+}
+
+# (a) nbdkit -r over a writable file.
+cp $tmp/origin0.img $tmp/ro-origin.img
+start --filter=$FILTER file $tmp/ro-origin.img snapshot-store=$tmp/ro-store
+nbdsnap -c $tmp/ro-store create s1
+scribble 6
+save_export $sock "" $tmp/ro-live.img
+stop_nbdkit $nbdkit_pid
+start -r --filter=$FILTER file $tmp/ro-origin.img snapshot-store=$tmp/ro-store
+ro_check $tmp/ro-store
+cmp $tmp/ro-origin.img $tmp/origin0.img || fail "nbdkit -r: the origin changed"
+stop_nbdkit $nbdkit_pid
+
+# (b) a read-only plugin.
+start --filter=$FILTER pattern size=16M snapshot-store=$tmp/pat-store
+nbdsnap -c $tmp/pat-store create s1
+scribble 7
+save_export $sock "" $tmp/ro-live.img
+ro_check $tmp/pat-store --output=$tmp/pat.img
+stop_nbdkit $nbdkit_pid
+cmp $tmp/pat.img $tmp/ro-live.img || fail "pat.img is not the live volume"
+
+# A connection to snap/S opened while S is being deleted: refused, or
+# else served until the job ends; either way the server stays up and
+# the other views are intact.
+start --filter=$FILTER file $origin snapshot-store=$store
+nbdsnap -c $store --json delete s2 --strategy=stream > $tmp/reply.json
+job=$(jq .job.id $tmp/reply.json)
+rm -f $tmp/ready-late
+mkfifo $tmp/go-late
+nbdsh -u "$(nbd_uri $sock snap/s2)" -c "
+import os
+open('$tmp/ready-late', 'w').close()
+open('$tmp/go-late').read()
+try:
+    h.pread(65536, 0)
+except nbd.Error as e:
+    print('read after the delete:', e)
+" > $tmp/late.out 2>&1 &
+late=$!
+cleanup_fn kill $late
+# (If the connection is refused, nbdsh exits without ever being ready.)
+wait_for eval "test -e $tmp/ready-late || ! kill -0 $late 2>/dev/null"
+nbdsnap -c $store wait $job
+if kill -0 $late 2>/dev/null; then echo go > $tmp/go-late; fi
+wait $late || true
+cat $tmp/late.out
+kill -0 $nbdkit_pid 2>/dev/null ||
+    fail "nbdkit died when a connection to a deleted snapshot read it"
+nbdsnap -c $store --json list | jq -e '[.checkpoints[].name] == ["s1", "b1", "s3"]'
+verify s1 s3
