@@ -309,7 +309,27 @@ job_sync (struct job *j)
   return origin_flush ();
 }
 
-/* Run step over every page in chunks, each with the page range locked
+/* The first page at or after p that job j might copy (store.lock
+ * held): lets the scan skip empty stretches without locking them.
+ */
+static uint64_t
+next_candidate (struct job *j, uint64_t p)
+{
+  uint64_t n = store.npages;
+
+  if (j->kind == JOB_REVERT) {
+    for (size_t i = store.revert_depth; i < store.nlayers - 1; ++i)
+      n = MIN (n, sbitmap_find_next_set (&store.layers[i]->map, p));
+    return n;
+  }
+  if (j->strategy == STRATEGY_COMMIT)
+    return sbitmap_find_next_set (&store.layers[j->upper]->map, p);
+  if (j->lower >= 0)
+    return sbitmap_find_next_set (&store.layers[j->lower]->map, p);
+  return sbitmap_find_next_clear (&store.layers[j->upper]->map, p);
+}
+
+/* Copy what the job needs in chunks, each with the page range locked
  * and store.lock shared, so clients keep going between chunks.
  */
 static int
@@ -318,9 +338,17 @@ job_scan (struct job *j)
   uint64_t p = 0, since_sync = 0;
 
   while (p < store.npages) {
-    uint64_t e = MIN (p + CHUNK_PAGES, store.npages);
+    uint64_t e;
     struct range r;
     int ret;
+
+    {
+      ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+      p = next_candidate (j, p);
+    }
+    if (p >= store.npages)
+      break;
+    e = MIN (p + CHUNK_PAGES, store.npages);
 
     if (__atomic_load_n (&j->shutdown, __ATOMIC_SEQ_CST)) {
       errno = ESHUTDOWN;
