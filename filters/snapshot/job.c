@@ -706,6 +706,59 @@ push_layer (void)
   return 0;
 }
 
+/* Give job j an id, record it in the journal (after starting a new
+ * top layer if push), plan it and start it (store.lock exclusive).  j
+ * is consumed.  Return its id, or 0 with *errmsg set and the store as
+ * it was.
+ */
+static uint64_t
+job_launch (struct job *j, bool push, char **errmsg)
+{
+  const char *what = j->kind == JOB_REVERT ? "reverting to" : "deleting";
+  struct manifest saved;
+  uint64_t id;
+
+  if (manifest_dup (&store.m, &saved) == -1)
+    goto err;
+  id = j->id = store.m.next_id++;
+  if (push && push_layer () == -1)
+    goto err_restore;
+  store.m.job = (struct manifest_job) {
+    .kind = j->kind, .id = id, .strategy = j->strategy,
+    .keep_bitmap = j->keep_bitmap,
+  };
+  strcpy (store.m.job.name, j->name);
+  strcpy (store.m.job.output, j->output);
+  if (manifest_save (store.dir, &store.m) == -1)
+    goto err_restore;
+  manifest_free (&saved);
+  job_plan (j);                 /* a revert sets store.revert_depth */
+  if (job_spawn (j) == -1) {
+    /* The journal names the job: the next start resumes it. */
+    set_errmsg (errmsg, "starting job %" PRIu64 ": %s", id,
+                strerror (errno));
+    free (j);
+    return 0;
+  }
+  return id;
+
+ err_restore:
+  {
+    int e = errno;
+    /* The manifest on disk is the old one: so is the store. */
+    if (store.m.nlayers != saved.nlayers)
+      drop_layer (store.nlayers - 1);
+    manifest_free (&store.m);
+    store.m = saved;
+    errno = e;
+  }
+ err:
+  set_errmsg (errmsg, "cannot start %s '%s': %s", what, j->name,
+              strerror (errno));
+  free (j);
+  return 0;
+}
+
 uint64_t
 job_start_delete (const char *name, int strategy, const char *output,
                   bool keep_bitmap, bool origin_writable,
@@ -714,9 +767,7 @@ job_start_delete (const char *name, int strategy, const char *output,
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
   ssize_t ci = manifest_find_checkpoint (&store.m, name);
-  struct manifest saved;
   struct job *j;
-  uint64_t id;
   size_t up;
   ssize_t lo;
   unsigned refs;
@@ -765,12 +816,11 @@ job_start_delete (const char *name, int strategy, const char *output,
     return 0;
   }
 
-  if (manifest_dup (&store.m, &saved) == -1)
-    goto err;
   j = calloc (1, sizeof *j);
-  if (j == NULL)
-    goto err_free;
-  j->id = store.m.next_id++;
+  if (j == NULL) {
+    set_errmsg (errmsg, "calloc: %s", strerror (errno));
+    return 0;
+  }
   j->kind = JOB_DELETE;
   strcpy (j->name, name);
   j->strategy = strategy;
@@ -779,48 +829,9 @@ job_start_delete (const char *name, int strategy, const char *output,
     strcpy (j->output, output);
   j->commit_bytes = *commit_bytes;
   j->stream_bytes = *stream_bytes;
-
   /* A commit needs upper quiet: if clients write it, start a new top. */
-  if (strategy == STRATEGY_COMMIT && up == store.nlayers - 1 &&
-      push_layer () == -1)
-    goto err_job;
-
-  store.m.job.kind = JOB_DELETE;
-  store.m.job.id = j->id;
-  strcpy (store.m.job.name, name);
-  store.m.job.strategy = strategy;
-  store.m.job.keep_bitmap = keep_bitmap;
-  strcpy (store.m.job.output, j->output);
-  if (manifest_save (store.dir, &store.m) == -1)
-    goto err_job;
-  manifest_free (&saved);
-  job_plan (j);
-  id = j->id;
-  if (job_spawn (j) == -1) {
-    set_errmsg (errmsg, "starting the job: %s", strerror (errno));
-    free (j);
-    return 0;
-  }
-  return id;
-
- err_job:
-  free (j);
- err_free:
-  {
-    int e = errno;
-    /* Keep any pushed layer: it is harmless, but the manifest must
-     * match what is on disk, which is the old one.
-     */
-    if (store.m.nlayers != saved.nlayers)
-      drop_layer (store.nlayers - 1);
-    manifest_free (&store.m);
-    store.m = saved;
-    errno = e;
-  }
- err:
-  set_errmsg (errmsg, "cannot start deleting '%s': %s", name,
-              strerror (errno));
-  return 0;
+  return job_launch (j, strategy == STRATEGY_COMMIT &&
+                     up == store.nlayers - 1, errmsg);
 }
 
 uint64_t
@@ -828,9 +839,7 @@ job_start_revert (const char *name, char **errmsg)
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
   ssize_t ci = manifest_find_checkpoint (&store.m, name);
-  struct manifest saved;
   struct job *j;
-  uint64_t id;
   size_t d;
 
   if (ci < 0) {
@@ -862,45 +871,16 @@ job_start_revert (const char *name, char **errmsg)
   if (ckpt_persist_active () == -1)
     goto err;
 
-  if (manifest_dup (&store.m, &saved) == -1)
-    goto err;
   j = calloc (1, sizeof *j);
   if (j == NULL)
-    goto err_free;
-  j->id = store.m.next_id++;
+    goto err;
   j->kind = JOB_REVERT;
   strcpy (j->name, name);
-  if (push_layer () == -1)
-    goto err_job;
-  store.m.job.kind = JOB_REVERT;
-  store.m.job.id = j->id;
-  strcpy (store.m.job.name, name);
-  if (manifest_save (store.dir, &store.m) == -1)
-    goto err_job;
-  manifest_free (&saved);
-  job_plan (j);                 /* sets store.revert_depth */
-  id = j->id;
-  if (job_spawn (j) == -1) {
-    /* The override is in place and the manifest names the job: the
-     * next start resumes it.
-     */
-    set_errmsg (errmsg, "starting the job: %s", strerror (errno));
-    free (j);
-    return 0;
-  }
-  return id;
+  /* The new top layer takes the reverted pages; until the job ends,
+   * pages it lacks come from the snapshot's view (job_plan).
+   */
+  return job_launch (j, true, errmsg);
 
- err_job:
-  free (j);
- err_free:
-  {
-    int e = errno;
-    if (store.m.nlayers != saved.nlayers)
-      drop_layer (store.nlayers - 1);
-    manifest_free (&store.m);
-    store.m = saved;
-    errno = e;
-  }
  err:
   set_errmsg (errmsg, "cannot start reverting to '%s': %s", name,
               strerror (errno));
