@@ -768,6 +768,7 @@ job_start_delete (const char *name, int strategy, const char *output,
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
   ssize_t ci = manifest_find_checkpoint (&store.m, name);
   struct job *j;
+  bool is_auto;
   size_t up;
   ssize_t lo;
   unsigned refs;
@@ -794,20 +795,18 @@ job_start_delete (const char *name, int strategy, const char *output,
   *commit_bytes = pages_bytes (sbitmap_count (&store.layers[up]->map));
   *stream_bytes = pages_bytes (pages_missing (lo, up));
 
-  if (strategy < 0)             /* auto */
-    strategy = *commit_bytes <= *stream_bytes ? STRATEGY_COMMIT
-      : STRATEGY_STREAM;
+  is_auto = strategy < 0;
+  if (is_auto)                  /* --output means a stream; else cheaper */
+    strategy = output || *stream_bytes < *commit_bytes
+      ? STRATEGY_STREAM : STRATEGY_COMMIT;
   if (strategy == STRATEGY_COMMIT && lo < 0 && !origin_writable) {
-    if (output == NULL)         /* auto falls back to stream */
-      strategy = STRATEGY_STREAM;
-    if (strategy == STRATEGY_COMMIT || output == NULL) {
-      if (strategy == STRATEGY_COMMIT) {
-        set_errmsg (errmsg, "cannot commit '%s' into the origin: the origin "
-                    "is read-only (nbdkit -r, or a read-only plugin); use "
-                    "--strategy=stream", name);
-        return 0;
-      }
+    if (!is_auto) {
+      set_errmsg (errmsg, "cannot commit '%s' into the origin: the origin "
+                  "is read-only (nbdkit -r, or a read-only plugin); use "
+                  "--strategy=stream", name);
+      return 0;
     }
+    strategy = STRATEGY_STREAM; /* the only way without writing it */
   }
   if (output && (strategy != STRATEGY_STREAM || lo >= 0)) {
     set_errmsg (errmsg, "--output applies only when '%s' is streamed "

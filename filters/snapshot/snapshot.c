@@ -27,7 +27,7 @@ const char *control_param;
 const char *create_param;
 uint32_t block_size_param;
 
-/* -D snapshot.verbose=1 logs each request's routing. */
+/* -D snapshot.verbose=1 logs each control request (with nbdkit -v). */
 NBDKIT_DLL_PUBLIC int snapshot_debug_verbose = 0;
 
 /* -D snapshot.job_delay=US sleeps US microseconds after each 1 MiB

@@ -220,13 +220,12 @@ run_cancel (const struct command *cmd, char **operands, FILE *out)
 }
 
 static void
-draw_bar (int64_t done, int64_t total, bool final)
+draw_bar (int pct, bool final)
 {
-  int pct = total > 0 ? (int) (done * 100 / total) : (final ? 100 : 0);
-  int width = 40, fill = pct * width / 100;
+  int width = 40, fill;
 
-  if (pct > 100)
-    pct = 100;
+  pct = pct < 0 ? 0 : pct > 100 ? 100 : pct;
+  fill = pct * width / 100;
   if (progress_fd >= 0) {
     dprintf (progress_fd, "%d/100\n", pct);
     return;
@@ -238,100 +237,154 @@ draw_bar (int64_t done, int64_t total, bool final)
   fflush (stderr);
 }
 
+/* Ask for the job list.  NULL after printing an error. */
+static struct json *
+get_jobs (const struct command *cmd, const struct json **list)
+{
+  struct json *reply;
+  struct jw req;
+
+  jw_init (&req);
+  jw_begin_object (&req);
+  jw_key (&req, "cmd");
+  jw_string (&req, "jobs");
+  jw_end_object (&req);
+  reply = control_request (cmd, &req);
+  if (reply == NULL)
+    return NULL;
+  *list = json_get (reply, "jobs");
+  if (*list == NULL || (*list)->type != JSON_ARRAY) {
+    bad_reply (cmd, "missing array \"jobs\"");
+    json_free (reply);
+    return NULL;
+  }
+  return reply;
+}
+
+static const struct json *
+find_job (const struct json *list, int64_t id)
+{
+  for (size_t i = 0; i < list->len; ++i) {
+    int64_t v;
+    if (json_get_int (list->items[i], "id", &v) && v == id)
+      return list->items[i];
+  }
+  return NULL;
+}
+
+static bool
+is_running (const struct json *j)
+{
+  const char *state = json_get_string (j, "state");
+  return state && strcmp (state, "running") == 0;
+}
+
 int
 run_wait (const struct command *cmd, char **operands, FILE *out)
 {
   const bool bar = progress_fd >= 0 || progress_bar || isatty (2);
-  int64_t want = 0;
-  int last_pct = -1;
+  CLEANUP_FREE int64_t *ids = NULL;
+  size_t nids = 0;
+  int last_pct = -1, ret = 0;
+  struct json *reply;
+  const struct json *list;
+  struct jw w;
 
-  if (operands[0] && parse_job_id (cmd, operands[0], &want) == -1)
+  /* The jobs to wait for: JOB, or every job running now. */
+  reply = get_jobs (cmd, &list);
+  if (reply == NULL)
     return -1;
-
-  for (;;) {
-    struct json *reply;
-    const struct json *list, *found = NULL;
-    struct jw req;
-    int64_t done = 0, total = 0;
-    bool running = false;
-
-    jw_init (&req);
-    jw_begin_object (&req);
-    jw_key (&req, "cmd");
-    jw_string (&req, "jobs");
-    jw_end_object (&req);
-    reply = control_request (cmd, &req);
-    if (reply == NULL)
-      return -1;
-    list = json_get (reply, "jobs");
-    if (list == NULL || list->type != JSON_ARRAY) {
-      bad_reply (cmd, "missing array \"jobs\"");
+  ids = calloc (list->len + 1, sizeof *ids);
+  if (ids == NULL) {
+    snap_error ("calloc: %m");
+    json_free (reply);
+    return -1;
+  }
+  if (operands[0]) {
+    if (parse_job_id (cmd, operands[0], &ids[0]) == -1 ||
+        find_job (list, ids[0]) == NULL) {
+      if (ids[0] > 0)
+        snap_error ("%s: no job %" PRIi64, cmd->name, ids[0]);
       json_free (reply);
       return -1;
     }
-    for (size_t i = 0; i < list->len; ++i) {
-      const struct json *j = list->items[i];
-      const char *state = json_get_string (j, "state");
-      int64_t id = 0, d = 0, t = 0;
+    nids = 1;
+  }
+  else
+    for (size_t i = 0; i < list->len; ++i)
+      if (is_running (list->items[i]))
+        json_get_int (list->items[i], "id", &ids[nids++]);
 
-      json_get_int (j, "id", &id);
-      if (want && id != want)
-        continue;
-      if (want)
-        found = j;
-      if (state && strcmp (state, "running") == 0) {
+  for (;;) {
+    int64_t done = 0, total = 0;
+    bool running = false;
+
+    for (size_t k = 0; k < nids; ++k) {
+      const struct json *j = find_job (list, ids[k]);
+      int64_t d = 0, t = 0;
+      if (j && is_running (j)) {
         running = true;
         json_get_int (j, "bytes_done", &d);
         json_get_int (j, "bytes_total", &t);
         done += d;
         total += t;
-        if (!want)
-          found = j;
       }
     }
-    if (want && found == NULL) {
-      snap_error ("%s: no job %" PRIi64, cmd->name, want);
-      json_free (reply);
-      return -1;
-    }
-    if (running) {
+    if (!running)
+      break;
+    if (bar) {
       int pct = total > 0 ? (int) (done * 100 / total) : 0;
-      if (bar && pct != last_pct) {
-        draw_bar (done, total, false);
-        last_pct = pct;
-      }
-      json_free (reply);
-      nanosleep (&(struct timespec) { 0, WAIT_POLL_MS * 1000000L }, NULL);
-      continue;
+      if (pct != last_pct)
+        draw_bar (pct, false);
+      last_pct = pct;
     }
-    if (bar)
-      draw_bar (1, 1, true);
-    /* Ended: report it; a failed or cancelled job is an error. */
-    if (found) {
-      const char *state = json_get_string (found, "state");
-      if (json_output) {
-        struct jw w;
-        CLEANUP_FREE char *text = NULL;
-        jw_init (&w);
-        jw_begin_object (&w);
-        jw_key (&w, "job");
-        write_json_value (&w, found);
-        jw_end_object (&w);
-        text = jw_finish (&w);
-        if (text)
-          fprintf (out, "%s\n", text);
-      }
-      else
-        print_job (out, found);
-      if (state && strcmp (state, "done") != 0) {
-        snap_error ("%s: job %s", cmd->name, state);
-        json_free (reply);
-        return -1;
-      }
-    }
-    else if (!json_output)
-      fprintf (out, "no jobs running\n");
     json_free (reply);
-    return 0;
+    nanosleep (&(struct timespec) { 0, WAIT_POLL_MS * 1000000L }, NULL);
+    reply = get_jobs (cmd, &list);
+    if (reply == NULL)
+      return -1;
   }
+
+  /* Report each job; one that failed or was cancelled is an error,
+   * reported on stderr with its line (stdout is dropped on error).
+   */
+  if (json_output) {
+    jw_init (&w);
+    jw_begin_object (&w);
+    jw_key (&w, "jobs");
+    jw_begin_array (&w);
+  }
+  for (size_t k = 0; k < nids; ++k) {
+    const struct json *j = find_job (list, ids[k]);
+    const char *state = j ? json_get_string (j, "state") : NULL;
+
+    if (j == NULL)
+      continue;                 /* gone from the history: long done */
+    if (json_output)
+      write_json_value (&w, j);
+    else
+      print_job (out, j);
+    if (state == NULL || strcmp (state, "done") != 0) {
+      snap_error ("%s: job %" PRIi64 " %s", cmd->name, ids[k],
+                  state ? state : "ended oddly");
+      print_job (stderr, j);
+      ret = -1;
+    }
+  }
+  if (json_output) {
+    CLEANUP_FREE char *text = NULL;
+    jw_end_array (&w);
+    jw_end_object (&w);
+    text = jw_finish (&w);
+    if (text)
+      fprintf (out, "%s\n", text);
+  }
+  if (nids == 0 && !json_output)
+    fprintf (out, "no jobs running\n");
+  if (bar && ret == 0)
+    draw_bar (100, true);
+  else if (bar && progress_fd < 0 && last_pct >= 0)
+    fputc ('\n', stderr);
+  json_free (reply);
+  return ret;
 }
