@@ -749,6 +749,34 @@ snapshot_pwrite (nbdkit_next *next, void *handle, const void *buf,
   return top_pwrite (next, buf, count, offset, flags, err);
 }
 
+/* Zero [offset, offset+count) of the origin, writing zeros if the
+ * plugin cannot zero.
+ */
+static int
+origin_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
+             uint32_t flags, int *err)
+{
+  static const char zeros[65536];
+  uint32_t wflags;
+
+  if (next->can_zero (next) != NBDKIT_ZERO_NONE) {
+    if (next->zero (next, count, offset, origin_flags (next, flags),
+                    err) == -1)
+      return -1;
+    return origin_fua (next, flags, err);
+  }
+  wflags = origin_flags (next, flags) &
+    ~(NBDKIT_FLAG_MAY_TRIM | NBDKIT_FLAG_FAST_ZERO);
+  while (count > 0) {
+    uint32_t n = MIN (count, (uint32_t) sizeof zeros);
+    if (next->pwrite (next, zeros, n, offset, wflags, err) == -1)
+      return -1;
+    count -= n;
+    offset += n;
+  }
+  return origin_fua (next, flags, err);
+}
+
 static int
 snapshot_zero (nbdkit_next *next, void *handle, uint32_t count,
                uint64_t offset, uint32_t flags, int *err)
@@ -756,36 +784,16 @@ snapshot_zero (nbdkit_next *next, void *handle, uint32_t count,
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
   assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  if (store.nlayers == 0) {
-    if ((flags & NBDKIT_FLAG_FAST_ZERO) && !next->can_fast_zero (next)) {
-      *err = ENOTSUP;
-      return -1;
-    }
+  /* Layers zero by punching holes, which is fast; the plugin may not. */
+  if (store.nlayers == 0 && (flags & NBDKIT_FLAG_FAST_ZERO) &&
+      !next->can_fast_zero (next)) {
+    *err = ENOTSUP;
+    return -1;
   }
   if (mark_changed (count, offset, err) == -1)
     return -1;
-  if (store.nlayers == 0) {
-    if (next->can_zero (next) == NBDKIT_ZERO_NONE) {
-      /* The plugin cannot zero: write zeros through the top path is
-       * not available, so emulate with writes.
-       */
-      static const char zeros[65536];
-      uint32_t flags2 = origin_flags (next, flags & ~NBDKIT_FLAG_MAY_TRIM);
-      while (count > 0) {
-        uint32_t n = MIN (count, (uint32_t) sizeof zeros);
-        if (next->pwrite (next, zeros, n, offset,
-                          flags2 & ~NBDKIT_FLAG_FAST_ZERO, err) == -1)
-          return -1;
-        count -= n;
-        offset += n;
-      }
-      return origin_fua (next, flags, err);
-    }
-    if (next->zero (next, count, offset, origin_flags (next, flags),
-                    err) == -1)
-      return -1;
-    return origin_fua (next, flags, err);
-  }
+  if (store.nlayers == 0)
+    return origin_zero (next, count, offset, flags, err);
   return top_zero (next, count, offset, flags, err);
 }
 
