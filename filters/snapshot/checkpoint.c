@@ -198,11 +198,16 @@ ckpt_persist_active (void)
   return ckpt_map_persist (store.maps[store.m.nckpts - 1]);
 }
 
+/* Where a sequential writer's next newly dirtied block would start
+ * (atomic; a hint, so races only cost a missed or extra window).
+ */
+static uint64_t seq_next = UINT64_MAX;
+
 int
 ckpt_mark (uint64_t offset, uint64_t count)
 {
   struct ckpt_map *d;
-  uint64_t first, last;
+  uint64_t first, last, expected, next;
   int64_t added;
 
   if (store.m.nckpts == 0 || count == 0)
@@ -216,21 +221,26 @@ ckpt_mark (uint64_t offset, uint64_t count)
   if (added == 0)
     return 0;
 
-  /* A sequential writer (the block before is marked already) will
-   * dirty the next blocks soon: mark a window ahead now, so it pays
-   * one sync per window rather than one per request.  Marking a block
-   * that then does not change is allowed (a backup reads it for
-   * nothing); missing one never is.  The window is at most
-   * MARK_AHEAD_MAX blocks past the end of the stream.
+  /* A sequential writer (this write starts where the last newly
+   * dirtied range, or the window marked ahead of it, ended) will dirty
+   * the next blocks soon: mark a window ahead now, so it pays one sync
+   * per window rather than one per request.  Marking a block that then
+   * does not change is allowed (a backup reads it for nothing); missing
+   * one never is.  Random writes do not match, so they get no extra
+   * marks.  The window is at most MARK_AHEAD_MAX blocks.
    */
-  if (first > 0 && sbitmap_test (&d->bm, first - 1) &&
+  expected = __atomic_load_n (&seq_next, __ATOMIC_RELAXED);
+  next = last + 1;
+  if ((first == expected || first + 1 == expected) &&
       last + 1 < store.nblocks) {
     uint64_t n = last - first + 1;
     uint64_t ahead = MIN (MAX (MARK_AHEAD_MIN, 4 * n), MARK_AHEAD_MAX);
-    if (sbitmap_set_range (&d->bm, last + 1,
-                           MIN (ahead, store.nblocks - last - 1)) == -1)
+    ahead = MIN (ahead, store.nblocks - last - 1);
+    if (sbitmap_set_range (&d->bm, last + 1, ahead) == -1)
       return -1;
+    next += ahead;
   }
+  __atomic_store_n (&seq_next, next, __ATOMIC_RELAXED);
   return ckpt_map_persist (d);
 }
 
