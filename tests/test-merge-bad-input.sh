@@ -27,8 +27,8 @@ store=$tmp/store
 sock=$tmp/nbd.sock
 bs=65536
 
-# Jobs are slowed down (100 ms per MiB, 3.2 s for the volume) so that
-# they are still running while other requests are refused.
+# Jobs are slowed down (100 ms per MiB copied, 3.2 s for the volume) so
+# that they are still running while other requests are refused.
 start ()
 {
     start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=100000 \
@@ -124,6 +124,8 @@ nbdsnap -c $store create s1
 cp $origin $tmp/origin0.img     # frozen from now on
 scribble 2
 nbdsnap -c $store create s2
+# (12M more in s2's layer, so that committing it takes a while.)
+nbdsh -u "$(nbd_uri $sock)" -c 'h.pwrite(b"\x5a" * (12 << 20), 8 << 20)'
 scribble 3
 nbdsnap -c $store create b1 --bitmap-only
 scribble 4
@@ -196,11 +198,7 @@ expect_error "$other" delete b1
     fail "job $job ended before the checks were done (raise job_delay)"
 # Cancelled, it leaves everything as it was.
 nbdsnap -c $store cancel $job
-status=0
-nbdsnap -c $store wait $job > $tmp/out 2> $tmp/err || status=$?
-cat $tmp/out $tmp/err
-[ "$status" -eq 1 ] || fail "wait for a cancelled job: exit status $status"
-grep -F "nbdsnap: wait: job cancelled" $tmp/err
+expect_error "nbdsnap: wait: job $job cancelled" wait $job
 [ "$(job_state $job)" = cancelled ]
 expect_error "no running job $job" cancel $job
 [ "$(checkpoints)" = "$list0" ] || fail "a cancelled delete changed the list"
@@ -241,10 +239,12 @@ ro_check ()
         delete s1 --strategy=commit
     nbdsnap -c $st --json list | jq -e '[.checkpoints[].name] == ["s1"]'
     nbdsnap -c $st --json jobs | jq -e '.jobs == []'
-    nbdsnap -c $st --json delete s1 "$@" > $tmp/reply.json
+    nbdsnap -c $st --json delete s1 "$@" > $tmp/reply.json ||
+        fail "$st: delete s1 $* (auto) did not fall back to stream"
     cat $tmp/reply.json
     jq -e '.job.strategy == "stream" and
-           .job.commit_bytes < .job.stream_bytes' $tmp/reply.json
+           .job.commit_bytes < .job.stream_bytes' $tmp/reply.json ||
+        fail "$st: delete s1 $* (auto) did not fall back to stream"
     job=$(jq .job.id $tmp/reply.json)
     nbdsnap -c $st wait $job
     [ "$(export_md5 $sock)" = "$(md5 $tmp/ro-live.img)" ] ||
@@ -272,32 +272,53 @@ ro_check $tmp/pat-store --output=$tmp/pat.img
 stop_nbdkit $nbdkit_pid
 cmp $tmp/pat.img $tmp/ro-live.img || fail "pat.img is not the live volume"
 
-# A connection to snap/S opened while S is being deleted: refused, or
-# else served until the job ends; either way the server stays up and
-# the other views are intact.
+# A connection to snap/S opened while S is being deleted (by a commit,
+# which changes the layer S reads): refused, or else it reads S as it
+# was taken; either way the server stays up, the connection reads S or
+# gets an error once S is gone, and the other views are intact.
 start --filter=$FILTER file $origin snapshot-store=$store
-nbdsnap -c $store --json delete s2 --strategy=stream > $tmp/reply.json
+nbdsnap -c $store --json delete s2 --strategy=commit > $tmp/reply.json
 job=$(jq .job.id $tmp/reply.json)
 rm -f $tmp/ready-late
 mkfifo $tmp/go-late
 nbdsh -u "$(nbd_uri $sock snap/s2)" -c "
-import os
+import hashlib
+def whole():
+    return hashlib.md5(h.pread(h.get_size(), 0)).hexdigest()
+print('during', whole(), flush=True)
 open('$tmp/ready-late', 'w').close()
 open('$tmp/go-late').read()
 try:
-    h.pread(65536, 0)
+    print('after', whole())
 except nbd.Error as e:
-    print('read after the delete:', e)
+    print('error after the delete:', e)
 " > $tmp/late.out 2>&1 &
 late=$!
 cleanup_fn kill $late
 # (If the connection is refused, nbdsh exits without ever being ready.)
 wait_for eval "test -e $tmp/ready-late || ! kill -0 $late 2>/dev/null"
+if [ -e $tmp/ready-late ]; then
+    [ "$(job_state $job)" = running ] ||
+        fail "job $job ended before snap/s2 was read (raise job_delay)"
+fi
 nbdsnap -c $store wait $job
 if kill -0 $late 2>/dev/null; then echo go > $tmp/go-late; fi
 wait $late || true
 cat $tmp/late.out
 kill -0 $nbdkit_pid 2>/dev/null ||
     fail "nbdkit died when a connection to a deleted snapshot read it"
-nbdsnap -c $store --json list | jq -e '[.checkpoints[].name] == ["s1", "b1", "s3"]'
+if grep '^during ' $tmp/late.out; then
+    grep -Fx "during $(md5 $tmp/s2.img)" $tmp/late.out ||
+        fail "snap/s2 opened during its delete did not read as s2"
+fi
+if grep '^after ' $tmp/late.out; then
+    grep -Fx "after $(md5 $tmp/s2.img)" $tmp/late.out ||
+        fail "snap/s2 read after its delete did not read as s2"
+fi
+# The filter refuses it, saying why.
+! grep '^during ' $tmp/late.out || fail "snap/s2 was opened during its delete"
+grep -F "export 'snap/s2': snapshot 's2' is being deleted (job $job)" \
+    $nbdkit_log || fail "no refusal of snap/s2 in the log"
+nbdsnap -c $store --json list |
+    jq -e '[.checkpoints[].name] == ["s1", "b1", "s3"]'
 verify s1 s3

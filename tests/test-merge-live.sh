@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # nbdkit-snapshot
-# Merges run while clients work.  A 128M volume; s1, then 96M written
+# Merges run while clients work.  A 64M volume; s1, then 48M written
 # into its layer; s2.  While a job runs, a background nbdsh client
 # does a bounded, seeded series of random reads, writes, zeroes and
 # flushes, some of them many in flight at once, over the whole live
 # volume.  It keeps its own model (the live volume as saved before it
 # started, with its writes applied) and checks every read against it;
 # afterwards the whole live volume equals the model.
-#   1. delete s1 by commit: its 96M layer goes into the origin, while
+#   1. delete s1 by commit: its 48M layer goes into the origin, while
 #      snap/s2 (which reads that layer) is read and must not change;
 #   2. delete s2 by stream: the origin's pages go up into the layer the
 #      client is writing; a snapshot s3 taken meanwhile must not
 #      change either.
-# The jobs are slowed with -D snapshot.job_delay (20 ms per MiB: 2.6 s
-# at least for the volume), so that each is still running when the
+# The jobs are slowed with -D snapshot.job_delay (40 ms per MiB copied:
+# about 2 s for each), so that each is still running when the
 # client starts; this is checked.  While each runs, its progress never
 # goes backwards or past its total.  A restart at the end: the same.
 
@@ -28,11 +28,10 @@ requires jq --version
 origin=$tmp/origin.img
 store=$tmp/store
 sock=$tmp/nbd.sock
-size=$((128 * 1024 * 1024))
 
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=20000 \
+    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=40000 \
                  --filter=$FILTER file $origin snapshot-store=$store
 }
 
@@ -73,7 +72,7 @@ for i in range(nops):
         slots = rng.sample(range(size >> 20), 8)
         reqs = []
         for s in slots:
-            n = rng.randint(1, 262144)
+            n = rng.randint(1, 65536)
             off = (s << 20) + rng.randrange(0, (1 << 20) - n + 1)
             if rng.random() < 0.5:
                 data = rng.randbytes(n)
@@ -147,7 +146,7 @@ run_with_client ()
     save_export $sock "" $tmp/start-$seed.img
     rm -f $tmp/ready $tmp/started $tmp/go
     mkfifo $tmp/go
-    CLIENT_SEED=$seed CLIENT_OPS=600 CLIENT_START=$tmp/start-$seed.img \
+    CLIENT_SEED=$seed CLIENT_OPS=500 CLIENT_START=$tmp/start-$seed.img \
     CLIENT_MODEL=$tmp/model-$seed.img CLIENT_READY=$tmp/ready \
     CLIENT_GO=$tmp/go CLIENT_STARTED=$tmp/started \
         nbdsh -u "$(nbd_uri $sock)" -c "exec(open('$tmp/client.py').read())" &
@@ -179,20 +178,20 @@ run_with_client ()
         fail "the live volume is not the client's model after job $job"
 }
 
-make_origin $origin 128M
+make_origin $origin 64M
 start
 nbdsnap -c $store create s1
 nbdsh -u "$(nbd_uri $sock)" -c '
 import random
 rng = random.Random(1)
-for off in range(0, 96 << 20, 1 << 20):
+for off in range(0, 48 << 20, 1 << 20):
     h.pwrite(rng.randbytes(1 << 20), off)
-h.pwrite(rng.randbytes(65536), 100 << 20)
+h.pwrite(rng.randbytes(65536), 50 << 20)
 h.flush()
 '
 nbdsnap -c $store create s2
 save_export $sock snap/s2 $tmp/s2.img
-nbdsh -u "$(nbd_uri $sock)" -c 'h.pwrite(b"\x5a" * 300000, 90 << 20)'
+nbdsh -u "$(nbd_uri $sock)" -c 'h.pwrite(b"\x5a" * 300000, 45 << 20)'
 
 # 1. Commit s1's layer into the origin.
 during_job ()
@@ -201,7 +200,7 @@ during_job ()
         fail "snap/s2 changed during the commit of s1"
 }
 run_with_client 1 s1 --strategy=commit
-jq -e '.job.strategy == "commit" and .job.commit_bytes >= (96 * 1048576)' \
+jq -e '.job.strategy == "commit" and .job.commit_bytes >= (48 * 1048576)' \
    $tmp/reply.json
 [ "$(export_md5 $sock snap/s2)" = "$(md5 $tmp/s2.img)" ] ||
     fail "snap/s2 changed after the commit of s1"
@@ -215,7 +214,7 @@ during_job ()
     save_export $sock snap/s3 $tmp/s3.img
 }
 run_with_client 2 s2 --strategy=stream
-jq -e '.job.strategy == "stream" and .job.stream_bytes >= (64 * 1048576)' \
+jq -e '.job.strategy == "stream" and .job.stream_bytes >= (16 * 1048576)' \
    $tmp/reply.json
 [ "$(export_md5 $sock snap/s3)" = "$(md5 $tmp/s3.img)" ] ||
     fail "snap/s3 changed while s2 was streamed"

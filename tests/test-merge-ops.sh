@@ -279,8 +279,8 @@ scribble 6
 verify s2 s5
 check_dirty dirty/s3 3 4 5 6
 
-# Restart, with jobs slowed down (150 ms per MiB, 2.4 s for the
-# volume) so the revert is still running while it is checked.
+# Restart, with jobs slowed down (150 ms per MiB copied, up to 2.4 s
+# for the volume) so the revert is still running while it is checked.
 stop_nbdkit $nbdkit_pid
 start -D snapshot.job_delay=150000
 verify s2 s5

@@ -490,6 +490,21 @@ parse_export (const char *exportname, struct handle *h)
                   exportname);
     return -1;
   }
+  /* A snapshot being deleted cannot be opened: its view changes as
+   * the merge runs, and it goes away at the end.  (Connections open
+   * when the delete was asked for make it refuse to start.)
+   */
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    const struct job *job = store.job;
+    if (job && job->kind == JOB_DELETE &&
+        (strcmp (job->name, h->name) == 0 ||
+         strcmp (job->name, h->to) == 0)) {
+      nbdkit_error ("export '%s': snapshot '%s' is being deleted (job %"
+                    PRIu64 ")", exportname, job->name, job->id);
+      return -1;
+    }
+  }
   for (int k = 0; k < 2; ++k)
     if (h->refs[k])
       __atomic_add_fetch (&h->refs[k]->refs, 1, __ATOMIC_SEQ_CST);
