@@ -38,8 +38,11 @@
  * kill -9 the job simply runs again from the start of its scan,
  * skipping what is done, and every view reads as before throughout.
  *
- * One job runs at a time (store.job); requests that would change the
- * store meanwhile are refused with the job's id.
+ * One job runs at a time (store.job): another delete or revert is
+ * refused with the job's id.  Checkpoints may be taken while a delete
+ * runs (new layers go on top, where the plan does not look), but no
+ * snapshot while a revert runs (the revert owns the newest layer), and
+ * the snapshot being deleted cannot be opened.
  */
 #include <config.h>
 
