@@ -255,8 +255,6 @@ int
 run_control (const struct command *cmd, char **operands, FILE *out)
 {
   struct jw req;
-  struct json *reply;
-  int r;
 
   jw_init (&req);
   jw_begin_object (&req);
@@ -271,14 +269,21 @@ run_control (const struct command *cmd, char **operands, FILE *out)
     jw_bool (&req, true);
   }
   jw_end_object (&req);
+  return control_print (cmd, &req, out, cmd->print);
+}
 
-  reply = control_request (cmd, &req);
+int
+control_print (const struct command *cmd, struct jw *req, FILE *out,
+               int (*print) (const struct command *cmd,
+                             const struct json *reply, FILE *out))
+{
+  struct json *reply = control_request (cmd, req);
+  int r;
+
   if (reply == NULL)
     return -1;
-  if (json_output)
-    r = print_json_reply (cmd, reply, out);
-  else
-    r = cmd->print (cmd, reply, out);
+  r = json_output ? print_json_reply (cmd, reply, out)
+    : print (cmd, reply, out);
   json_free (reply);
   return r;
 }

@@ -85,13 +85,21 @@ print_job_reply (const struct command *cmd, const struct json *reply,
   return 0;
 }
 
+/* A snapshot's delete starts a job; a bitmap-only one is just gone. */
+static int
+print_deleted (const struct command *cmd, const struct json *reply,
+               FILE *out)
+{
+  if (json_get (reply, "job"))
+    return print_job_reply (cmd, reply, out);
+  return print_delete (cmd, reply, out);
+}
+
 int
 run_delete (const struct command *cmd, char **operands, FILE *out)
 {
   CLEANUP_FREE char *abs = NULL;
-  struct json *reply;
   struct jw req;
-  int r;
 
   if (delete_strategy && strcmp (delete_strategy, "auto") != 0 &&
       strcmp (delete_strategy, "commit") != 0 &&
@@ -141,18 +149,7 @@ run_delete (const struct command *cmd, char **operands, FILE *out)
     jw_bool (&req, true);
   }
   jw_end_object (&req);
-
-  reply = control_request (cmd, &req);
-  if (reply == NULL)
-    return -1;
-  if (json_output)
-    r = print_json_reply (cmd, reply, out);
-  else if (json_get (reply, "job"))
-    r = print_job_reply (cmd, reply, out);
-  else
-    r = print_delete (cmd, reply, out);
-  json_free (reply);
-  return r;
+  return control_print (cmd, &req, out, print_deleted);
 }
 
 int
@@ -196,10 +193,8 @@ parse_job_id (const struct command *cmd, const char *s, int64_t *id)
 int
 run_cancel (const struct command *cmd, char **operands, FILE *out)
 {
-  struct json *reply;
   struct jw req;
   int64_t id;
-  int r;
 
   if (parse_job_id (cmd, operands[0], &id) == -1)
     return -1;
@@ -210,13 +205,7 @@ run_cancel (const struct command *cmd, char **operands, FILE *out)
   jw_key (&req, "job");
   jw_int (&req, id);
   jw_end_object (&req);
-  reply = control_request (cmd, &req);
-  if (reply == NULL)
-    return -1;
-  r = json_output ? print_json_reply (cmd, reply, out)
-    : print_job_reply (cmd, reply, out);
-  json_free (reply);
-  return r;
+  return control_print (cmd, &req, out, print_job_reply);
 }
 
 static void

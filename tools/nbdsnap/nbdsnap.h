@@ -65,6 +65,14 @@ extern char *control_socket_path (void);
  */
 extern struct json *control_request (const struct command *cmd,
                                      struct jw *req);
+/* Send *req (consumed) and print the reply with print, or as JSON
+ * with --json.  Return 0 or -1.
+ */
+extern int control_print (const struct command *cmd, struct jw *req,
+                          FILE *out,
+                          int (*print) (const struct command *cmd,
+                                        const struct json *reply,
+                                        FILE *out));
 /* Report a reply that lacks what the command needs. */
 extern void bad_reply (const struct command *cmd, const char *what);
 
