@@ -65,7 +65,12 @@
 #include "util.h"
 
 #define CHUNK_PAGES 256                 /* 1 MiB per locked step */
-#define SYNC_EVERY_PAGES (64 * 256)     /* flush progress every 64 MiB */
+/* Correctness needs only the sync at the end of a job (before the
+ * manifest changes): a copy that a crash loses was never visible.
+ * Syncing on the way only bounds the work redone after a crash, and
+ * each sync stalls the copy, so it is rare.
+ */
+#define SYNC_EVERY_PAGES (1024 * 256)   /* flush progress every GiB */
 
 static pthread_t job_thread;
 static bool job_thread_running;
