@@ -7,7 +7,9 @@
 #      place;
 #   2. a snapshot exists and its layer already holds the blocks that
 #      are then overwritten in place after the checkpoint;
-#   3. like 1, on the same store after the earlier crashes.
+#   3. like 1, on the same store after the earlier crashes;
+#   4. a snapshot is the newest checkpoint (its bits are recovered from
+#      its layer at start-up).
 # The kill comes after a random number of writes (seeded, printed).
 
 source ./functions.sh
@@ -114,6 +116,25 @@ h.flush()
 crash_round 2 $RANDOM
 
 crash_round 3 $RANDOM
+
+# Round 4: the newest checkpoint is a snapshot, so its bits are kept in
+# memory and recovered from the layer at start-up.
+nbdsnap -c $store create s4
+save_export $sock "" $tmp/s4.img
+seed=$RANDOM
+kill_after=$(( 20 + seed % 200 ))
+echo "round 4: seed $seed, kill -9 after $kill_after writes"
+rm -f $tmp/progress
+SEED=$seed PROGRESS=$tmp/progress \
+    nbdsh -u "$(nbd_uri $sock)" -c "exec(open('$tmp/writer.py').read())" &
+writer=$!
+wait_for written_at_least $kill_after
+# A flush makes some of the writes durable in the layer.
+nbdsh -u "$(nbd_uri $sock)" -c 'h.flush()'
+stop_nbdkit $nbdkit_pid KILL
+wait $writer || true
+start
+check_marked s4 $tmp/s4.img
 
 # Earlier checkpoints still cover everything since them.
 check_marked c1 $tmp/c1.img

@@ -11,15 +11,23 @@
  * Never missing a changed block (guarantee 3):
  *
  * - A write first sets its blocks' bits in the active map, in memory.
- * - The new bits are made durable before the write is issued, wherever
- *   it goes: to the origin in place (no snapshot), or into the newest
- *   layer, which may already hold the page and overwrite it in place
- *   (its map then does not change, so nothing else would record the
- *   change).  Writers that dirty new blocks at the same time share one
- *   sync (group commit, ckpt_map_persist), and a write to a block
- *   already marked costs nothing, so the price is paid once per newly
- *   dirtied block.  A sequential writer gets a window of blocks marked
- *   ahead of it (ckpt_mark), so it pays one sync per window.
+ * - When the newest checkpoint is bitmap-only, or the write goes to the
+ *   origin in place (no snapshot), the new bits are made durable before
+ *   the write is issued: the newest layer may already hold the page and
+ *   overwrite it in place, leaving no other trace.  Writers that dirty
+ *   new blocks at the same time share one sync (group commit,
+ *   ckpt_map_persist), and a write to a block already marked costs
+ *   nothing, so the price is paid once per newly dirtied block.  A
+ *   sequential writer gets a window of blocks marked ahead of it
+ *   (ckpt_mark), so it pays one sync per window.
+ * - When the newest checkpoint is a snapshot, every write since it went
+ *   into a layer it started (or a newer one), and those layers' page
+ *   maps say exactly which pages they hold: the layer map itself is
+ *   the durable record.  The bits are set in memory only, and
+ *   layer_flush writes them before the layer map that makes the pages
+ *   visible; as a second line, ckpt_recover_active ORs those layers'
+ *   pages back into the map at start-up.  This keeps writes after a
+ *   snapshot free of bitmap syncs.
  * - layer_flush also persists the active map before it writes the
  *   layer map (a no-op when nothing is pending), so no layer map on
  *   disk is ever ahead of the dirty maps.
@@ -204,7 +212,7 @@ ckpt_persist_active (void)
 static uint64_t seq_next = UINT64_MAX;
 
 int
-ckpt_mark (uint64_t offset, uint64_t count)
+ckpt_mark (uint64_t offset, uint64_t count, bool durable)
 {
   struct ckpt_map *d;
   uint64_t first, last, expected, next;
@@ -241,7 +249,46 @@ ckpt_mark (uint64_t offset, uint64_t count)
     next += ahead;
   }
   __atomic_store_n (&seq_next, next, __ATOMIC_RELAXED);
-  return ckpt_map_persist (d);
+  return durable ? ckpt_map_persist (d) : 0;
+}
+
+bool
+ckpt_active_is_layered (void)
+{
+  const struct manifest_checkpoint *c;
+
+  if (store.m.nckpts == 0 || store.nlayers == 0)
+    return false;
+  c = &store.m.ckpts[store.m.nckpts - 1];
+  return c->kind == CKPT_SNAPSHOT &&
+    store.layers[store.nlayers - 1]->id >= c->layer;
+}
+
+int
+ckpt_recover_active (void)
+{
+  const struct manifest_checkpoint *c;
+
+  if (!ckpt_active_is_layered ())
+    return 0;
+  c = &store.m.ckpts[store.m.nckpts - 1];
+  for (size_t i = 0; i < store.nlayers; ++i) {
+    const struct sbitmap *map = &store.layers[i]->map;
+    uint64_t p;
+
+    if (store.layers[i]->id < c->layer)
+      continue;
+    p = sbitmap_find_next_set (map, 0);
+    while (p < store.npages) {
+      uint64_t e = sbitmap_find_next_clear (map, p);
+      if (ckpt_mark_range (p << PAGE_SHIFT,
+                           MIN (e << PAGE_SHIFT, store.size)
+                           - (p << PAGE_SHIFT)) == -1)
+        return -1;
+      p = sbitmap_find_next_set (map, e);
+    }
+  }
+  return ckpt_persist_active ();
 }
 
 int

@@ -490,7 +490,11 @@ finish_delete (struct job *j, char **errmsg)
     manifest_remove_checkpoint (&store.m, ci);
   }
   store.m.job.kind = JOB_NONE;
-  if (manifest_save (store.dir, &store.m) == -1)
+  /* Bits set in memory only while a snapshot was the newest checkpoint
+   * must be on disk before it stops being one.
+   */
+  if (ckpt_persist_active () == -1 ||
+      manifest_save (store.dir, &store.m) == -1)
     goto err_restore;
   manifest_free (&saved);
 

@@ -713,13 +713,14 @@ snapshot_pread (nbdkit_next *next, void *handle, void *buf,
   return view_pread (next, r.depth, buf, count, offset, err);
 }
 
-/* Record a write to the live volume in the active dirty map, durably,
- * before the write is issued (see checkpoint.c).
+/* Record a write to the live volume in the active dirty map before the
+ * write is issued; durably unless the layer maps record it (see
+ * checkpoint.c).
  */
 static int
 mark_changed (uint32_t count, uint64_t offset, int *err)
 {
-  if (ckpt_mark (offset, count) == -1) {
+  if (ckpt_mark (offset, count, !ckpt_active_is_layered ()) == -1) {
     *err = errno;
     nbdkit_error ("recording changed blocks: %m");
     return -1;

@@ -345,6 +345,10 @@ store_open (uint64_t origin_size)
     if (store.maps[i] == NULL)
       return -1;
   }
+  if (ckpt_recover_active () == -1) {
+    nbdkit_error ("%s: recovering the newest dirty map: %m", store.dir);
+    return -1;
+  }
   nbdkit_debug ("snapshot: store %s: %zu layers, %zu checkpoints, "
                 "block size %" PRIu32,
                 store.dir, store.nlayers, store.m.nckpts, store.block_size);

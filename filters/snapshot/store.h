@@ -220,10 +220,21 @@ extern int ckpt_map_persist (struct ckpt_map *d)
   __attribute__ ((__nonnull__ (1)));
 extern int ckpt_persist_active (void);
 
-/* Mark the blocks of [offset, offset+count) in the active map and make
- * newly set bits durable before returning.  Return 0, or -1 with errno.
+/* Mark the blocks of [offset, offset+count) in the active map; with
+ * durable, make newly set bits durable before returning.  Return 0, or
+ * -1 with errno set.
  */
-extern int ckpt_mark (uint64_t offset, uint64_t count);
+extern int ckpt_mark (uint64_t offset, uint64_t count, bool durable);
+
+/* Whether the newest checkpoint is a snapshot whose layers take every
+ * write (then the layer maps are the durable record of its changes).
+ */
+extern bool ckpt_active_is_layered (void);
+
+/* At start-up: put back into the newest checkpoint's map every page of
+ * the layers it started (see checkpoint.c), and persist it.
+ */
+extern int ckpt_recover_active (void);
 
 /* Mark blocks in the active map without syncing (the caller then calls
  * ckpt_persist_active).  Return 0, or -1 with errno set.
