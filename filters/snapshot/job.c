@@ -476,6 +476,13 @@ finish_delete (struct job *j, char **errmsg)
     }
   }
 
+  /* Bits set in memory only while a snapshot was the newest checkpoint
+   * must be on disk before it stops being one (store.maps still matches
+   * the checkpoint list here).
+   */
+  if (ckpt_persist_active () == -1)
+    goto err_restore;
+
   /* The snapshot goes; its checkpoint stays as bitmap-only with
    * --keep-bitmap, else its bits fold into the next older one.
    */
@@ -490,11 +497,7 @@ finish_delete (struct job *j, char **errmsg)
     manifest_remove_checkpoint (&store.m, ci);
   }
   store.m.job.kind = JOB_NONE;
-  /* Bits set in memory only while a snapshot was the newest checkpoint
-   * must be on disk before it stops being one.
-   */
-  if (ckpt_persist_active () == -1 ||
-      manifest_save (store.dir, &store.m) == -1)
+  if (manifest_save (store.dir, &store.m) == -1)
     goto err_restore;
   manifest_free (&saved);
 
