@@ -541,8 +541,8 @@ store_delete_checkpoint (const char *name, char **errmsg)
     return -1;
   }
   if (store.m.ckpts[i].kind == CKPT_SNAPSHOT) {
-    set_errmsg (errmsg, "'%s' is a snapshot: deleting a snapshot merges "
-                "its data, which this release cannot do", name);
+    set_errmsg (errmsg, "'%s' is a snapshot: deleting it is a merge job "
+                "(job_start_delete)", name);
     return -1;
   }
   refs = __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST);
