@@ -394,22 +394,41 @@ job_scan (struct job *j)
 
 /* ---- Finishing (store.lock exclusive) ---- */
 
+/* Files of dropped layers, deleted after store.lock is released:
+ * deleting a big sparse file can take seconds, and clients must not
+ * wait for it.  (After a crash in between, the files stay behind,
+ * unreferenced and harmless.)  Used by the job thread only.
+ */
+static char *doomed[4];
+static size_t ndoomed;
+
 /* Remove layer index i from store.layers (the manifest is updated by
- * the caller) and delete its files.
+ * the caller); its files are deleted later by delete_doomed.
  */
 static void
 drop_layer (size_t i)
 {
   struct layer *l = store.layers[i];
-  CLEANUP_FREE char *data = layer_path (l->id, "data");
-  CLEANUP_FREE char *map = layer_path (l->id, "map");
 
+  if (ndoomed + 2 <= sizeof doomed / sizeof doomed[0]) {
+    doomed[ndoomed++] = layer_path (l->id, "data");
+    doomed[ndoomed++] = layer_path (l->id, "map");
+  }
   memmove (&store.layers[i], &store.layers[i + 1],
            (store.nlayers - i - 1) * sizeof store.layers[0]);
   store.nlayers--;
   layer_free (l);
-  if (data) unlink (data);
-  if (map) unlink (map);
+}
+
+static void
+delete_doomed (void)
+{
+  for (size_t i = 0; i < ndoomed; ++i) {
+    if (doomed[i])
+      unlink (doomed[i]);
+    free (doomed[i]);
+  }
+  ndoomed = 0;
 }
 
 /* Give upper's data file its final name, atomically: hard link it as
@@ -601,6 +620,7 @@ job_main (void *arg)
       abandon_job (j);
     }
   }
+  delete_doomed ();               /* outside store.lock */
   if (r == 0) {
     __atomic_store_n (&j->bytes_done, j->bytes_total, __ATOMIC_SEQ_CST);
     nbdkit_debug ("snapshot: job %" PRIu64 " done", j->id);
@@ -761,8 +781,10 @@ job_launch (struct job *j, bool push, char **errmsg)
   {
     int e = errno;
     /* The manifest on disk is the old one: so is the store. */
-    if (store.m.nlayers != saved.nlayers)
+    if (store.m.nlayers != saved.nlayers) {
       drop_layer (store.nlayers - 1);
+      delete_doomed ();         /* just created: empty, quick */
+    }
     manifest_free (&store.m);
     store.m = saved;
     errno = e;
@@ -811,8 +833,12 @@ job_start_delete (const char *name, int strategy, const char *output,
   *stream_bytes = pages_bytes (pages_missing (lo, up));
 
   is_auto = strategy < 0;
-  if (is_auto)                  /* --output means a stream; else cheaper */
-    strategy = output || *stream_bytes < *commit_bytes
+  /* auto: --output means a stream; else the fewer bytes, and a stream
+   * on a tie (it fills holes in one layer; a commit writes scattered
+   * blocks in place and then deletes a layer).
+   */
+  if (is_auto)
+    strategy = output || *stream_bytes <= *commit_bytes
       ? STRATEGY_STREAM : STRATEGY_COMMIT;
   if (strategy == STRATEGY_COMMIT && lo < 0 && !origin_writable) {
     if (!is_auto) {
