@@ -69,13 +69,7 @@ h.flush()
 # volume as $tmp/live.img.
 verify ()
 {
-    local s
-    for s in "$@"; do
-        [ "$(export_md5 $sock snap/$s)" = "$(md5 $tmp/$s.img)" ] ||
-            fail "snap/$s changed"
-    done
-    [ "$(export_md5 $sock)" = "$(md5 $tmp/live.img)" ] ||
-        fail "the live volume changed"
+    verify_views $sock $tmp/live.img "$@"
 }
 
 checkpoints ()

@@ -47,13 +47,7 @@ h.flush()
 # verify NAME...: each snap/NAME reads as saved; and the live volume.
 verify ()
 {
-    local s
-    for s in "$@"; do
-        [ "$(export_md5 $sock snap/$s)" = "$(md5 $tmp/$s.img)" ] ||
-            fail "snap/$s changed"
-    done
-    [ "$(export_md5 $sock)" = "$(md5 $tmp/live.img)" ] ||
-        fail "the live volume changed"
+    verify_views $sock $tmp/live.img "$@"
 }
 
 job_field ()

@@ -139,13 +139,7 @@ same_dirty ()
 # volume as $REF.
 verify ()
 {
-    local s
-    for s in "$@"; do
-        [ "$(export_md5 $sock snap/$s)" = "$(md5 $tmp/$s.img)" ] ||
-            fail "snap/$s does not read as it was taken"
-    done
-    [ "$(export_md5 $sock)" = "$(md5 $REF)" ] ||
-        fail "the live volume does not read as written"
+    verify_views $sock $REF "$@"
 }
 
 # checkpoints: "name:kind" of every checkpoint, oldest first.
