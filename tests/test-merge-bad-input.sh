@@ -8,8 +8,8 @@
 # unknown job to cancel or wait for; a snapshot in use by a snap/ or
 # dirty/ connection; a second job on the same snapshot, or on another,
 # while one runs; a snapshot taken during a revert; cancelling a
-# revert.  A cancelled delete leaves everything as it was.  Afterwards
-# every view reads as before.  Then commit into a read-only origin
+# revert or a commit.  A cancelled stream leaves everything as it was.
+# Afterwards every view reads as before.  Then commit into a read-only origin
 # (nbdkit -r; a read-only plugin) is refused, and auto streams
 # instead.  Last, a connection to snap/S opened while S is being
 # deleted must not bring the server down.
@@ -219,6 +219,18 @@ start --filter=$FILTER file $origin snapshot-store=$store
 verify s1 s2 s3
 [ "$(checkpoints)" = "$list0" ]
 cmp $origin $tmp/origin0.img || fail "the origin changed"
+
+# A commit cannot be cancelled either: it writes into the origin that
+# s1 reads through.  It finishes, and the other views are unchanged.
+nbdsnap -c $store --json delete s1 --strategy=commit > $tmp/reply.json
+job=$(jq .job.id $tmp/reply.json)
+expect_error "job $job commits 's1' into the origin below, which cannot stop half way" \
+    cancel $job
+[ "$(job_state $job)" = running ] ||
+    fail "job $job ended before the checks were done (raise job_delay)"
+nbdsnap -c $store wait $job
+[ "$(job_state $job)" = done ]
+verify s2 s3
 stop_nbdkit $nbdkit_pid
 
 # A read-only origin cannot take a commit; auto streams instead.
@@ -314,5 +326,5 @@ fi
 grep -F "export 'snap/s2': snapshot 's2' is being deleted (job $job)" \
     $nbdkit_log || fail "no refusal of snap/s2 in the log"
 nbdsnap -c $store --json list |
-    jq -e '[.checkpoints[].name] == ["s1", "b1", "s3"]'
-verify s1 s3
+    jq -e '[.checkpoints[].name] == ["b1", "s3"]'
+verify s3

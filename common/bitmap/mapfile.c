@@ -60,6 +60,7 @@ kind_name (uint32_t kind)
   switch (kind) {
   case MAPFILE_KIND_LAYER: return "layer";
   case MAPFILE_KIND_DIRTY: return "dirty";
+  case MAPFILE_KIND_INTENT: return "intent";
   default: return "unknown";
   }
 }
@@ -451,12 +452,10 @@ mapfile_collect (struct sbitmap *bm, struct mapfile_batch *batch)
 }
 
 int
-mapfile_write (int fd, const struct mapfile_batch *batch)
+mapfile_write_pages (int fd, const struct mapfile_batch *batch)
 {
   uint64_t buf[SBITMAP_PAGE_WORDS];
 
-  if (batch->n == 0)
-    return 0;
   for (size_t i = 0; i < batch->n; ++i) {
     const uint64_t *words = &batch->words[i * SBITMAP_PAGE_WORDS];
 
@@ -465,6 +464,16 @@ mapfile_write (int fd, const struct mapfile_batch *batch)
     if (full_pwrite (fd, buf, sizeof buf, page_offset (batch->index[i])) == -1)
       return -1;
   }
+  return 0;
+}
+
+int
+mapfile_write (int fd, const struct mapfile_batch *batch)
+{
+  if (batch->n == 0)
+    return 0;
+  if (mapfile_write_pages (fd, batch) == -1)
+    return -1;
   return fdatasync (fd);
 }
 

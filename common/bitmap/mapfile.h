@@ -42,6 +42,7 @@
 enum {
   MAPFILE_KIND_LAYER = 1,       /* bit set = layer holds this unit */
   MAPFILE_KIND_DIRTY = 2,       /* bit set = unit changed since checkpoint */
+  MAPFILE_KIND_INTENT = 3,      /* bit set = a write may be in flight there */
 };
 
 /* Create (O_EXCL) the map file path with a header and no pages, fsync
@@ -78,6 +79,12 @@ struct mapfile_batch {
  */
 extern int mapfile_collect (struct sbitmap *bm, struct mapfile_batch *batch)
   __attribute__ ((__nonnull__ (1, 2)));
+
+/* Write the pages of batch to fd without syncing (they survive the
+ * process, not a power loss).  Return 0, or -1 with errno set.
+ */
+extern int mapfile_write_pages (int fd, const struct mapfile_batch *batch)
+  __attribute__ ((__nonnull__ (2)));
 
 /* Write the pages of batch to fd and fdatasync fd (even when batch is
  * empty, nothing is written and no sync is done).  Return 0, or -1 with

@@ -11,7 +11,7 @@
  *   mode row
  *   block-size 65536
  *   size 1073741824
- *   next-id 4
+ *   next-id 6
  *   layer 1
  *   layer 4
  *   checkpoint nightly kind=snapshot created=1764383400 layer=1 map=2

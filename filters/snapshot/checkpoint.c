@@ -12,14 +12,15 @@
  *
  * - A write first sets its blocks' bits in the active map, in memory.
  * - When the newest checkpoint is bitmap-only, or the write goes to the
- *   origin in place (no snapshot), the new bits are made durable before
- *   the write is issued: the newest layer may already hold the page and
- *   overwrite it in place, leaving no other trace.  Writers that dirty
- *   new blocks at the same time share one sync (group commit,
- *   ckpt_map_persist), and a write to a block already marked costs
- *   nothing, so the price is paid once per newly dirtied block.  A
- *   sequential writer gets a window of blocks marked ahead of it
- *   (ckpt_mark), so it pays one sync per window.
+ *   origin in place (no snapshot), nothing else will record the change
+ *   (the newest layer may already hold the page and overwrite it in
+ *   place), so before the write is issued its bits are stored into the
+ *   shared mapping of the active map's file (page cache: they survive
+ *   kill -9), and its region's write-intent bit is made durable
+ *   (intent.c; one fdatasync per region, shared by concurrent writers),
+ *   which covers a power loss.  A write to a block already marked
+ *   checks both cheaply and pays nothing more.  A sequential writer
+ *   gets a window of blocks marked ahead of it (ckpt_mark).
  * - When the newest checkpoint is a snapshot, every write since it went
  *   into a layer it started (or a newer one), and those layers' page
  *   maps say exactly which pages they hold: the layer map itself is
@@ -50,6 +51,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <endian.h>
+#include <sys/mman.h>
 
 #include <nbdkit-filter.h>
 
@@ -88,13 +91,56 @@ ckpt_map_alloc (uint64_t id)
   return d;
 }
 
+/* Map the bitmap pages of the active map's file shared, so that a
+ * newly set bit reaches the page cache (and survives the process) with
+ * a store instead of a system call (ckpt_mark).  The pages are
+ * allocated first, so a store never faults on a full disk.  Without
+ * fallocate (EOPNOTSUPP), bits go through pwrite instead.
+ */
+static int
+ckpt_map_mmap (struct ckpt_map *d)
+{
+  const size_t len = d->bm.npages * (size_t) SBITMAP_PAGE_BYTES;
+  void *p;
+
+  if (len == 0)
+    return 0;
+  if (fallocate (d->fd, 0, MAPFILE_HEADER_SIZE, len) == -1) {
+    if (errno == EOPNOTSUPP)
+      return 0;
+    nbdkit_error ("dirty-%" PRIu64 ".map: allocating %zu bytes: %m",
+                  d->id, len);
+    return -1;
+  }
+  p = mmap (NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, d->fd,
+            MAPFILE_HEADER_SIZE);
+  if (p == MAP_FAILED) {
+    nbdkit_error ("dirty-%" PRIu64 ".map: mmap: %m", d->id);
+    return -1;
+  }
+  d->mm = p;
+  d->mm_len = len;
+  return 0;
+}
+
+void
+ckpt_map_close_file (struct ckpt_map *d)
+{
+  if (d->mm)
+    munmap (d->mm, d->mm_len);
+  d->mm = NULL;
+  d->mm_len = 0;
+  if (d->fd >= 0)
+    close (d->fd);
+  d->fd = -1;
+}
+
 void
 ckpt_map_free (struct ckpt_map *d)
 {
   if (d == NULL)
     return;
-  if (d->fd >= 0)
-    close (d->fd);
+  ckpt_map_close_file (d);
   sbitmap_free (&d->bm);
   pthread_cond_destroy (&d->cond);
   pthread_mutex_destroy (&d->lock);
@@ -117,6 +163,8 @@ ckpt_map_open (uint64_t id, bool active)
     close (d->fd);
     d->fd = -1;
   }
+  else if (ckpt_map_mmap (d) == -1)
+    goto err;
   return d;
 
  err:
@@ -142,6 +190,10 @@ ckpt_map_create (uint64_t id)
     unlink (path);
     goto err;
   }
+  if (ckpt_map_mmap (d) == -1) {
+    unlink (path);
+    goto err;
+  }
   return d;
 
  err:
@@ -149,48 +201,76 @@ ckpt_map_create (uint64_t id)
   return NULL;
 }
 
-/* Write the dirty pages of d to its file and sync. */
+/* Write the dirty pages of d to its file; with sync, then fdatasync
+ * it (also when earlier writes were left unsynced).
+ */
 static int
-ckpt_map_write (struct ckpt_map *d)
+ckpt_map_write (struct ckpt_map *d, bool sync)
 {
   struct mapfile_batch batch = { 0 };
   int r;
 
   if (mapfile_collect (&d->bm, &batch) == -1)
     return -1;
-  r = mapfile_write (d->fd, &batch);
+  if (d->mm) {
+    /* Bits only ever get set in a map file, and a writer may be
+     * storing newer bits into the same words (ckpt_mark): OR them in.
+     */
+    for (size_t i = 0; i < batch.n; ++i) {
+      const uint64_t *words = &batch.words[i * SBITMAP_PAGE_WORDS];
+      uint64_t *to = &d->mm[batch.index[i] * SBITMAP_PAGE_WORDS];
+      for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
+        if (words[w])
+          __atomic_fetch_or (&to[w], htole64 (words[w]), __ATOMIC_SEQ_CST);
+    }
+    r = 0;
+  }
+  else
+    r = mapfile_write_pages (d->fd, &batch);
+  if (r == 0 && sync && (batch.n > 0 || d->unsynced))
+    r = fdatasync (d->fd);
   if (r == -1) {
     int e = errno;
     mapfile_batch_restore (&d->bm, &batch);
     errno = e;
   }
+  else if (!sync && batch.n > 0)
+    d->unsynced = true;
+  else if (sync)
+    d->unsynced = false;
   mapfile_batch_free (&batch);
   return r;
 }
 
 int
-ckpt_map_persist (struct ckpt_map *d)
+ckpt_map_persist (struct ckpt_map *d, bool sync)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&d->lock);
-  /* Every bit set before this point is covered by a sync that starts
-   * after it.
+  /* Every bit set before this point is covered by a write (and, with
+   * sync, a sync) that starts after it.  Writes are serialised (busy),
+   * so one round writes every request made before it started.
    */
   const uint64_t mine = ++d->seq;
 
-  while (d->synced < mine) {
+  if (sync)
+    d->sync_req = mine;
+  while (sync ? d->synced < mine : d->written < mine) {
     if (!d->busy) {
-      uint64_t target = d->seq;
+      const uint64_t target = d->seq;
+      const bool do_sync = d->sync_req > d->synced;
       int r;
 
       d->busy = true;
       pthread_mutex_unlock (&d->lock);
-      r = ckpt_map_write (d);
+      r = ckpt_map_write (d, do_sync);
       pthread_mutex_lock (&d->lock);
       d->busy = false;
       pthread_cond_broadcast (&d->cond);
       if (r == -1)
         return -1;
-      d->synced = target;
+      d->written = target;
+      if (do_sync)
+        d->synced = target;
     }
     else
       pthread_cond_wait (&d->cond, &d->lock);
@@ -203,7 +283,22 @@ ckpt_persist_active (void)
 {
   if (store.m.nckpts == 0)
     return 0;
-  return ckpt_map_persist (store.maps[store.m.nckpts - 1]);
+  return ckpt_map_persist (store.maps[store.m.nckpts - 1], true);
+}
+
+/* Set bits [first, last] in the shared mapping of d's file. */
+static void
+ckpt_map_store_bits (struct ckpt_map *d, uint64_t first, uint64_t last)
+{
+  for (uint64_t w = first / 64; w <= last / 64; ++w) {
+    uint64_t lo = w == first / 64 ? first % 64 : 0;
+    uint64_t hi = w == last / 64 ? last % 64 : 63;
+    uint64_t mask = (hi == 63 ? UINT64_MAX : (UINT64_C (1) << (hi + 1)) - 1)
+      & ~((UINT64_C (1) << lo) - 1);
+    if ((le64toh (__atomic_load_n (&d->mm[w], __ATOMIC_RELAXED)) & mask)
+        != mask)
+      __atomic_fetch_or (&d->mm[w], htole64 (mask), __ATOMIC_SEQ_CST);
+  }
 }
 
 /* Where a sequential writer's next newly dirtied block would start
@@ -226,8 +321,19 @@ ckpt_mark (uint64_t offset, uint64_t count, bool durable)
   added = sbitmap_set_range (&d->bm, first, last - first + 1);
   if (added == -1)
     return -1;
-  if (added == 0)
-    return 0;
+  if (added == 0) {
+    /* Already set in memory, but maybe by a writer that has not yet
+     * stored it in the file or its region's intent: check both (cheap
+     * when they are there) rather than trust it.
+     */
+    if (!durable)
+      return 0;
+    if (d->mm)
+      ckpt_map_store_bits (d, first, last);
+    else if (ckpt_map_persist (d, false) == -1)
+      return -1;
+    return intent_ensure (first, last);
+  }
 
   /* A sequential writer (this write starts where the last newly
    * dirtied range, or the window marked ahead of it, ended) will dirty
@@ -249,7 +355,16 @@ ckpt_mark (uint64_t offset, uint64_t count, bool durable)
     next += ahead;
   }
   __atomic_store_n (&seq_next, next, __ATOMIC_RELAXED);
-  return durable ? ckpt_map_persist (d) : 0;
+  if (!durable)
+    return 0;
+  /* The fine bits reach the page cache first, then the regions' intent
+   * bits reach the disk (intent.c).
+   */
+  if (d->mm)
+    ckpt_map_store_bits (d, first, next - 1);
+  else if (ckpt_map_persist (d, false) == -1)
+    return -1;
+  return intent_ensure (first, next - 1);
 }
 
 bool
@@ -384,17 +499,22 @@ ckpt_fold (size_t i)
     older->fd = open (opath, O_RDWR | O_CLOEXEC);
     if (older->fd == -1)
       return -1;
-    r = ckpt_map_write (older);
-    /* It stays frozen unless it becomes the active map. */
+    r = ckpt_map_write (older, true);
+    /* It stays frozen unless it becomes the active map.  Then it is
+     * mapped like any active map (without that, if allocating fails,
+     * its bits go through pwrite instead).
+     */
     if (i != store.m.nckpts - 1) {
       int e = errno;
       close (older->fd);
       older->fd = -1;
       errno = e;
     }
+    else if (r == 0)
+      ckpt_map_mmap (older);
     return r;
   }
-  return ckpt_map_write (older);
+  return ckpt_map_write (older, true);
 }
 
 void

@@ -421,13 +421,19 @@ drop_layer (size_t i)
 }
 
 static void
+delete_files (char **paths, size_t n)
+{
+  for (size_t i = 0; i < n; ++i) {
+    if (paths[i])
+      unlink (paths[i]);
+    free (paths[i]);
+  }
+}
+
+static void
 delete_doomed (void)
 {
-  for (size_t i = 0; i < ndoomed; ++i) {
-    if (doomed[i])
-      unlink (doomed[i]);
-    free (doomed[i]);
-  }
+  delete_files (doomed, ndoomed);
   ndoomed = 0;
 }
 
@@ -451,6 +457,18 @@ give_output_name (struct layer *l, const char *output)
   if (link (data, output) == -1) {
     if (errno != EEXIST || stat (data, &st1) == -1 ||
         stat (output, &st2) == -1 || st1.st_ino != st2.st_ino)
+      return -1;
+  }
+  /* The new name must be durable before the store's name points at
+   * it.
+   */
+  {
+    CLEANUP_FREE char *odir = strdup (output);
+    char *slash = odir ? strrchr (odir, '/') : NULL;
+    if (slash == NULL)
+      return -1;                /* output is absolute (control.c) */
+    slash[slash == odir ? 1 : 0] = '\0';
+    if (fsync_dir (odir) == -1)
       return -1;
   }
   unlink (tmp);
@@ -556,15 +574,25 @@ finish_revert (struct job *j, char **errmsg)
   return 0;
 }
 
+/* Whether job j cannot stop half way: a revert (clients already see
+ * the reverted volume), or a commit (it writes into the layer or
+ * origin below, which the snapshot being deleted reads through).
+ */
+static bool
+job_must_finish (const struct job *j)
+{
+  return j->kind == JOB_REVERT || j->strategy == STRATEGY_COMMIT;
+}
+
 /* Stop a job that failed or was cancelled (store.lock exclusive).
- * Views are intact at every step, so forgetting the job is enough.
- * A revert cannot stop half way: it stays in the manifest and runs
- * again at the next start.
+ * A stream leaves every view intact at every step, so forgetting the
+ * job is enough.  A job that must finish stays in the manifest (the
+ * snapshot stays "being deleted") and runs again at the next start.
  */
 static void
 abandon_job (struct job *j)
 {
-  if (j->kind == JOB_REVERT)
+  if (job_must_finish (j))
     return;
   store.m.job.kind = JOB_NONE;
   if (manifest_save (store.dir, &store.m) == -1)
@@ -588,6 +616,10 @@ job_done (struct job *j, int state, char *error)
     nhistory--;
   }
   history[nhistory++] = *j;
+  if (state == JOB_STATE_FAILED && job_must_finish (j)) {
+    store.stuck = *j;
+    store.stuck.error = NULL;
+  }
   store.job = NULL;
   free (j);
   pthread_cond_broadcast (&store.job_cond);
@@ -598,6 +630,8 @@ job_main (void *arg)
 {
   struct job *j = arg;
   char *errmsg = NULL;
+  char *dead[sizeof doomed / sizeof doomed[0]];
+  size_t ndead = 0;
   int r;
 
   nbdkit_debug ("snapshot: job %" PRIu64 " started", j->id);
@@ -619,8 +653,15 @@ job_main (void *arg)
         set_errmsg (&errmsg, "%s", strerror (errno));
       abandon_job (j);
     }
+    /* Take the dropped layers' files, to delete them once the job is
+     * reported done: unlinking a large sparse file can take seconds,
+     * and neither clients (store.lock) nor "nbdsnap wait" need to wait
+     * for it.  A crash before leaves them for store_sweep.
+     */
+    ndead = ndoomed;
+    memcpy (dead, doomed, ndoomed * sizeof doomed[0]);
+    ndoomed = 0;
   }
-  delete_doomed ();               /* outside store.lock */
   if (r == 0) {
     __atomic_store_n (&j->bytes_done, j->bytes_total, __ATOMIC_SEQ_CST);
     nbdkit_debug ("snapshot: job %" PRIu64 " done", j->id);
@@ -634,6 +675,7 @@ job_main (void *arg)
     nbdkit_error ("snapshot: job %" PRIu64 " failed: %s", j->id, errmsg);
     job_done (j, JOB_STATE_FAILED, errmsg);
   }
+  delete_files (dead, ndead);
   return NULL;
 }
 
@@ -694,8 +736,19 @@ job_busy (const char *name, char **errmsg)
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
   struct job *j = store.job;
 
-  if (j == NULL)
-    return false;
+  if (j == NULL) {
+    /* A job that must finish and failed stays in the journal until the
+     * next start resumes it.
+     */
+    if (store.stuck.id == 0)
+      return false;
+    set_errmsg (errmsg, "job %" PRIu64 " (%s %s) failed and must finish "
+                "before another job starts: see the server log, then "
+                "restart nbdkit to resume it", store.stuck.id,
+                store.stuck.kind == JOB_REVERT ? "revert" : "delete",
+                store.stuck.name);
+    return true;
+  }
   if (name && strcmp (name, j->name) == 0)
     set_errmsg (errmsg, "snapshot '%s' already has a job running (job %"
                 PRIu64 ", %s): wait for it or cancel it",
@@ -980,6 +1033,13 @@ job_cancel (uint64_t id, char **errmsg)
   if (j->kind == JOB_REVERT) {
     set_errmsg (errmsg, "job %" PRIu64 " is a revert, which cannot stop "
                 "half way (clients already see the reverted volume)", id);
+    return -1;
+  }
+  if (job_must_finish (j)) {
+    set_errmsg (errmsg, "job %" PRIu64 " commits '%s' into the %s below, "
+                "which cannot stop half way (the snapshot's view is "
+                "already partly merged): wait for it", id, j->name,
+                j->lower < 0 ? "origin" : "layer");
     return -1;
   }
   __atomic_store_n (&j->cancel, true, __ATOMIC_SEQ_CST);

@@ -35,6 +35,11 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_verbose = 0;
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_job_delay = 0;
 
+/* -D snapshot.intent_clear_ms=MS: the least time between two clears of
+ * the write-intent regions on client flushes (intent.c).
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_intent_clear_ms = 5000;
+
 /* A context on the plugin opened in .after_fork, used by the control
  * thread (to flush the origin when the first snapshot freezes it).
  * Protected by bg_lock.
@@ -275,6 +280,12 @@ snapshot_after_fork (nbdkit_backend *backend)
     return -1;
   if (store_open (size) == -1)
     return -1;
+  /* An interrupted job resumes before anything else can be asked of
+   * the store (a revert must be in place before a snapshot is taken or
+   * another job is started).
+   */
+  if (job_resume () == -1)
+    return -1;
   if (create_param) {
     if (store_create_checkpoint (create_param, false, flush_origin_bg,
                                  &errmsg) == -1) {
@@ -284,9 +295,7 @@ snapshot_after_fork (nbdkit_backend *backend)
       return -1;
     }
   }
-  if (control_start (control_param) == -1)
-    return -1;
-  return job_resume ();
+  return control_start (control_param);
 }
 
 static void
@@ -496,7 +505,8 @@ parse_export (const char *exportname, struct handle *h)
    */
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
-    const struct job *job = store.job;
+    const struct job *job = store.job ? store.job
+      : store.stuck.id ? &store.stuck : NULL;
     if (job && job->kind == JOB_DELETE &&
         (strcmp (job->name, h->name) == 0 ||
          strcmp (job->name, h->to) == 0)) {
@@ -837,11 +847,19 @@ snapshot_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
-  if (store.nlayers == 0)
-    return next->can_flush (next) ? next->flush (next, flags, err) : 0;
-  if (layer_flush (store.layers[store.nlayers - 1]) == -1) {
+  if (store.nlayers == 0) {
+    if (next->can_flush (next) && next->flush (next, flags, err) == -1)
+      return -1;
+  }
+  else if (layer_flush (store.layers[store.nlayers - 1]) == -1) {
     *err = errno;
     nbdkit_error ("flush: %m");
+    return -1;
+  }
+  /* A good moment to shrink the write-intent regions (intent.c). */
+  if (intent_clear (true) == -1) {
+    *err = errno;
+    nbdkit_error ("flush: clearing the write-intent regions: %m");
     return -1;
   }
   return 0;

@@ -2,6 +2,7 @@
 #include <config.h>
 
 #include <assert.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -294,6 +295,68 @@ store_load (void)
   return 0;
 }
 
+/* Whether the manifest names file id as a layer or a dirty map. */
+static bool
+store_references (uint64_t id)
+{
+  for (size_t i = 0; i < store.m.nlayers; ++i)
+    if (store.m.layers[i] == id)
+      return true;
+  for (size_t i = 0; i < store.m.nckpts; ++i)
+    if (store.m.ckpts[i].map == id)
+      return true;
+  return false;
+}
+
+/* If name is layer-ID.data, layer-ID.map or dirty-ID.map, set *id. */
+static bool
+store_file_id (const char *name, uint64_t *id)
+{
+  static const char *const forms[][2] = {
+    { "layer-", ".data" }, { "layer-", ".map" }, { "dirty-", ".map" },
+  };
+
+  for (size_t i = 0; i < sizeof forms / sizeof forms[0]; ++i) {
+    const size_t plen = strlen (forms[i][0]);
+    char *end;
+
+    if (strncmp (name, forms[i][0], plen) != 0 ||
+        name[plen] < '0' || name[plen] > '9')
+      continue;
+    errno = 0;
+    *id = strtoull (name + plen, &end, 10);
+    if (errno == 0 && strcmp (end, forms[i][1]) == 0)
+      return true;
+  }
+  return false;
+}
+
+/* Delete the layer and dirty map files the manifest does not name:
+ * left by a crash after a merge job dropped a layer (job.c deletes
+ * them after the job ends) or before a new checkpoint reached the
+ * manifest.  An output symlink goes, never its target.
+ */
+static void
+store_sweep (void)
+{
+  DIR *dir = opendir (store.dir);
+  struct dirent *e;
+
+  if (dir == NULL)
+    return;
+  while ((e = readdir (dir)) != NULL) {
+    uint64_t id;
+
+    if (!store_file_id (e->d_name, &id))
+      continue;
+    if (store_references (id))
+      continue;
+    if (unlinkat (dirfd (dir), e->d_name, 0) == 0)
+      nbdkit_debug ("snapshot: removed %s (not in the manifest)", e->d_name);
+  }
+  closedir (dir);
+}
+
 int
 store_open (uint64_t origin_size)
 {
@@ -322,6 +385,7 @@ store_open (uint64_t origin_size)
   store.npages = (store.size + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
   store.nblocks = (store.size + store.block_size - 1) / store.block_size;
 
+  store_sweep ();
   store.layers = calloc (store.m.nlayers + 1, sizeof *store.layers);
   if (store.layers == NULL) {
     nbdkit_error ("calloc: %m");
@@ -345,6 +409,8 @@ store_open (uint64_t origin_size)
     if (store.maps[i] == NULL)
       return -1;
   }
+  if (intent_open () == -1)
+    return -1;
   if (ckpt_recover_active () == -1) {
     nbdkit_error ("%s: recovering the newest dirty map: %m", store.dir);
     return -1;
@@ -362,6 +428,9 @@ store_close (void)
     nbdkit_error ("snapshot: flushing the newest layer: %m");
   if (store.maps && ckpt_persist_active () == -1)
     nbdkit_error ("snapshot: saving the active dirty map: %m");
+  else if (store.maps && intent_clear (false) == -1)
+    nbdkit_error ("snapshot: clearing the write-intent regions: %m");
+  intent_close ();
   for (size_t i = 0; store.maps && i < store.m.nckpts; ++i)
     ckpt_map_free (store.maps[i]);
   free (store.maps);
@@ -463,7 +532,7 @@ store_create_checkpoint (const char *name, bool bitmap_only,
                 store.layers[store.nlayers - 1]->id, strerror (errno));
     return -1;
   }
-  if (ckpt_persist_active () == -1) {
+  if (ckpt_persist_active () == -1 || intent_clear (false) == -1) {
     set_errmsg (errmsg, "saving the active dirty map: %s", strerror (errno));
     return -1;
   }
@@ -510,10 +579,8 @@ store_create_checkpoint (const char *name, bool bitmap_only,
       old->map_fd = -1;
     }
   }
-  if (nckpts > 0 && store.maps[nckpts - 1]->fd >= 0) {
-    close (store.maps[nckpts - 1]->fd);
-    store.maps[nckpts - 1]->fd = -1;
-  }
+  if (nckpts > 0)
+    ckpt_map_close_file (store.maps[nckpts - 1]);
   if (l)
     store.layers[store.nlayers++] = l;
   store.maps[nckpts] = d;

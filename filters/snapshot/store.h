@@ -78,11 +78,16 @@ struct layer {
 struct ckpt_map {
   uint64_t id;                  /* dirty-ID.map */
   int fd;                       /* open read-write while active, else -1 */
+  uint64_t *mm;                 /* active: the file's bitmap pages, shared */
+  size_t mm_len;
   struct sbitmap bm;            /* one bit per block */
   pthread_mutex_t lock;         /* protects the group-commit state: */
   pthread_cond_t cond;
-  uint64_t seq, synced;         /* requests to sync; last one done */
-  bool busy;                    /* a sync is running */
+  uint64_t seq;                 /* requests to write (and sync) */
+  uint64_t written, synced;     /* last request written; synced */
+  uint64_t sync_req;            /* last request that asked for a sync */
+  bool busy;                    /* a write is running */
+  bool unsynced;                /* pages written but not yet synced */
   unsigned refs;                /* atomic: connections using it */
 };
 
@@ -136,6 +141,8 @@ struct store {
   pthread_mutex_t job_lock;     /* protects job and the job history */
   pthread_cond_t job_cond;      /* broadcast when a job ends */
   struct job *job;              /* the running job, or NULL */
+  struct job stuck;             /* a failed job left in the journal, to
+                                   resume at the next start (id 0: none) */
 };
 
 /* The one store of this nbdkit process. */
@@ -148,6 +155,7 @@ extern const char *create_param;
 extern uint32_t block_size_param;     /* 0 = not given */
 extern int snapshot_debug_verbose;
 extern int snapshot_debug_job_delay;
+extern int snapshot_debug_intent_clear_ms;
 
 /* Lock DIR (creating it if needed).  Called before forking so a second
  * server fails on the command line.  Return 0 or -1 (error reported).
@@ -208,15 +216,38 @@ extern uint64_t store_layer_bytes (uint64_t id);
 extern void set_errmsg (char **errmsg, const char *fs, ...)
   __attribute__ ((format (printf, 2, 3)));
 
+/* ---- intent.c: write-intent regions (see there) ---- */
+
+/* At start-up, after the maps are open: recover from an unclean stop,
+ * start an empty intent file.  Return 0, or -1 after nbdkit_error.
+ */
+extern int intent_open (void);
+extern void intent_close (void);
+
+/* Make the intent bits of the regions of blocks [first, last] durable
+ * before a write to them is issued.  Return 0, or -1 with errno set.
+ */
+extern int intent_ensure (uint64_t first_block, uint64_t last_block);
+
+/* Sync the active map and clear the regions no write touched since;
+ * with rate_limited, at most every few seconds.  Return 0, or -1 with
+ * errno set.
+ */
+extern int intent_clear (bool rate_limited);
+
 /* ---- checkpoint.c (store.lock held, shared unless stated) ---- */
 
 extern char *ckpt_map_path (uint64_t id);
 extern struct ckpt_map *ckpt_map_open (uint64_t id, bool active);
 extern struct ckpt_map *ckpt_map_create (uint64_t id);
 extern void ckpt_map_free (struct ckpt_map *d);
+/* Unmap and close the map's file (when it stops being active). */
+extern void ckpt_map_close_file (struct ckpt_map *d);
 
-/* Make every bit set so far in d durable (group commit). */
-extern int ckpt_map_persist (struct ckpt_map *d)
+/* Write every bit set so far in d to its file, and with sync make it
+ * durable (group commit).
+ */
+extern int ckpt_map_persist (struct ckpt_map *d, bool sync)
   __attribute__ ((__nonnull__ (1)));
 extern int ckpt_persist_active (void);
 

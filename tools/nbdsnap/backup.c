@@ -48,7 +48,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <libnbd.h>
+#include "libnbd-dl.h"
 
 #include "cleanup.h"
 #include "util.h"
@@ -739,6 +739,8 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   bool have_status;
   int r = -1;
 
+  if (libnbd_load () == -1)
+    return -1;
   if (backup_since) {
     const char *why = snap_name_invalid (backup_since);
 
