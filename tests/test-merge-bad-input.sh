@@ -228,7 +228,37 @@ expect_error "job $job commits 's1' into the origin below, which cannot stop hal
     cancel $job
 [ "$(job_state $job)" = running ] ||
     fail "job $job ended before the checks were done (raise job_delay)"
-nbdsnap -c $store wait $job
+# The control socket's "wait": a short one returns with the job still
+# running; bad ones are refused; a long one returns when the job ends,
+# and a request sent behind it on the same connection is answered
+# after it.
+python3 - $store/control.sock $job <<'EOF'
+import json, socket, sys
+path, job = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+f = s.makefile("rw")
+def ask(*reqs):
+    for r in reqs:
+        f.write(json.dumps(r) + "\n")
+    f.flush()
+    return [json.loads(f.readline()) for _ in reqs]
+[r] = ask({"cmd": "wait", "job": job, "timeout_ms": 10})
+assert r["ok"] and r["job"]["state"] == "running", r
+for bad, msg in [({"timeout_ms": -1}, '"timeout_ms" must be 0 to 60000'),
+                 ({"timeout_ms": "soon"}, '"timeout_ms" must be 0 to 60000'),
+                 ({"job": 999999}, "no job 999999"),
+                 ({"job": "x"}, '"job" must be a job id')]:
+    req = {"cmd": "wait", "job": job}
+    req.update(bad)
+    [r] = ask(req)
+    assert not r["ok"] and msg in r["error"], (bad, r)
+w, j = ask({"cmd": "wait", "job": job, "timeout_ms": 60000}, {"cmd": "jobs"})
+assert w["ok"] and w["job"]["state"] == "done", w
+assert w["job"]["bytes_done"] == w["job"]["bytes_total"], w
+assert [x["state"] for x in j["jobs"] if x["id"] == job] == ["done"], j
+print("wait: ok")
+EOF
 [ "$(job_state $job)" = done ]
 verify s2 s3
 stop_nbdkit $nbdkit_pid

@@ -38,6 +38,9 @@
 struct client {
   int fd;
   bool skipping;                /* discarding an over-long line */
+  bool waiting;                 /* a "wait" awaits its reply */
+  uint64_t wait_job;
+  int64_t wait_until;           /* job_now_ns () deadline */
   size_t len;
   char buf[CONTROL_MAX_LINE + 1];
 };
@@ -48,6 +51,10 @@ static pthread_t thread;
 static bool thread_running;
 static char *socket_path;       /* what we bound, unlinked at stop */
 static struct client *clients[CONTROL_MAX_CLIENTS];
+/* Written to (one byte) when a job ends, to answer "wait" requests. */
+static int job_pipe[2] = { -1, -1 };
+/* The client whose request is being handled (control thread only). */
+static struct client *current;
 
 /* ---- Replies ---- */
 
@@ -455,6 +462,52 @@ cmd_cancel (const struct json *req)
   }
 }
 
+/* Longest wait a client may ask for, so it can show progress. */
+#define WAIT_MAX_MS 60000
+
+/* {"cmd":"wait","job":N,"timeout_ms":T}: reply with the job's line as
+ * soon as it is no longer running, or after T ms (default 1000) with
+ * it still running.  The reply is sent by the control thread's loop
+ * (control_thread), which holds the client's later requests until then.
+ */
+static char *
+cmd_wait (const struct json *req)
+{
+  char *reply = NULL;
+  const struct json *t = json_get (req, "timeout_ms");
+  int64_t ms = 1000;
+  uint64_t id;
+
+  if (!get_job_id (req, &id, &reply))
+    return reply;
+  if (t && (!json_get_int (req, "timeout_ms", &ms) || ms < 0 ||
+            ms > WAIT_MAX_MS))
+    return error_reply ("invalid request: \"timeout_ms\" must be 0 to %d",
+                        WAIT_MAX_MS);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    const struct job *j = job_find (id);
+    if (j == NULL)
+      return error_reply ("no job %" PRIu64, id);
+    if (j->state != JOB_STATE_RUNNING || ms == 0 || current == NULL)
+      return ok_job_reply (j);
+  }
+  current->waiting = true;
+  current->wait_job = id;
+  current->wait_until = job_now_ns () + ms * INT64_C (1000000);
+  return NULL;
+}
+
+void
+control_job_ended (void)
+{
+  /* A full pipe (EAGAIN) means the control thread will wake anyway. */
+  if (job_pipe[1] >= 0) {
+    ssize_t r = write (job_pipe[1], "j", 1);
+    (void) r;
+  }
+}
+
 static const struct {
   const char *name;
   char *(*fn) (const struct json *req);
@@ -466,6 +519,7 @@ static const struct {
   { "revert", cmd_revert },
   { "jobs", cmd_jobs },
   { "cancel", cmd_cancel },
+  { "wait", cmd_wait },
 };
 
 /* Handle one request line; return the reply (malloc'd) or NULL. */
@@ -547,19 +601,34 @@ client_close (size_t i)
   clients[i] = NULL;
 }
 
-/* Answer each complete line in c->buf. */
+/* Answer a request; a "wait" may leave c waiting, with no reply yet. */
+static void
+answer (struct client *c, const char *line, size_t len)
+{
+  char *reply;
+
+  current = c;
+  reply = handle_request (line, len);
+  current = NULL;
+  if (reply || !c->waiting)
+    send_reply (c, reply);
+}
+
+/* Answer each complete line in c->buf (one at a time while a wait is
+ * pending, so replies keep the order of requests).
+ */
 static void
 process_lines (struct client *c)
 {
   char *nl;
 
-  while ((nl = memchr (c->buf, '\n', c->len)) != NULL) {
+  while (!c->waiting && (nl = memchr (c->buf, '\n', c->len)) != NULL) {
     size_t linelen = nl - c->buf;
 
     if (c->skipping)
       c->skipping = false;
     else
-      send_reply (c, handle_request (c->buf, linelen));
+      answer (c, c->buf, linelen);
     memmove (c->buf, nl + 1, c->len - linelen - 1);
     c->len -= linelen + 1;
   }
@@ -582,9 +651,13 @@ client_read (size_t i)
   if (r == -1 && errno == EINTR)
     return;
   if (r <= 0) {
-    /* Half-closed: answer a final unterminated request, then close. */
-    if (r == 0 && c->len > 0 && !c->skipping)
-      send_reply (c, handle_request (c->buf, c->len));
+    /* Half-closed: answer a final unterminated request, then close
+     * (a wait is not waited for: nobody could read the reply).
+     */
+    if (r == 0 && c->len > 0 && !c->skipping && !c->waiting) {
+      answer (c, c->buf, c->len);
+      c->waiting = false;
+    }
     client_close (i);
     return;
   }
@@ -616,25 +689,65 @@ client_accept (void)
   }
   clients[i]->fd = fd;
   clients[i]->skipping = false;
+  clients[i]->waiting = false;
   clients[i]->len = 0;
+}
+
+/* Answer the waits whose job ended or whose time is up; return the
+ * poll timeout (ms) until the next deadline, or -1.
+ */
+static int
+answer_waits (void)
+{
+  const int64_t now = job_now_ns ();
+  int64_t next = -1;
+
+  for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i) {
+    struct client *c = clients[i];
+    char *reply = NULL;
+
+    if (c == NULL || !c->waiting)
+      continue;
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+      const struct job *j = job_find (c->wait_job);
+      if (j == NULL || j->state != JOB_STATE_RUNNING || now >= c->wait_until)
+        reply = ok_job_reply (j);
+    }
+    if (reply == NULL) {
+      int64_t left = (c->wait_until - now + 999999) / 1000000;
+      if (next == -1 || left < next)
+        next = left;
+      continue;
+    }
+    c->waiting = false;
+    send_reply (c, reply);
+    process_lines (c);          /* requests held while it waited */
+    if (c->waiting) {
+      next = 0;                 /* a new wait: look again at once */
+    }
+  }
+  return next > INT_MAX ? INT_MAX : (int) next;
 }
 
 static void *
 control_thread (void *arg)
 {
   for (;;) {
-    struct pollfd fds[CONTROL_MAX_CLIENTS + 2];
+    struct pollfd fds[CONTROL_MAX_CLIENTS + 3];
     size_t idx[CONTROL_MAX_CLIENTS];
-    size_t n = 2, nc = 0;
+    size_t n = 3, nc = 0;
+    int timeout = answer_waits ();
 
     fds[0] = (struct pollfd) { .fd = wake_pipe[0], .events = POLLIN };
     fds[1] = (struct pollfd) { .fd = listen_fd, .events = POLLIN };
+    fds[2] = (struct pollfd) { .fd = job_pipe[0], .events = POLLIN };
     for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i)
       if (clients[i]) {
         fds[n++] = (struct pollfd) { .fd = clients[i]->fd, .events = POLLIN };
         idx[nc++] = i;
       }
-    if (poll (fds, n, -1) == -1) {
+    if (poll (fds, n, timeout) == -1) {
       if (errno == EINTR)
         continue;
       nbdkit_error ("snapshot: control: poll: %m");
@@ -642,8 +755,13 @@ control_thread (void *arg)
     }
     if (fds[0].revents)
       break;
+    if (fds[2].revents) {
+      char buf[64];
+      ssize_t r = read (job_pipe[0], buf, sizeof buf);   /* drain */
+      (void) r;
+    }
     for (size_t k = 0; k < nc; ++k)
-      if (fds[k + 2].revents)
+      if (fds[k + 3].revents)
         client_read (idx[k]);
     if (fds[1].revents & POLLIN)
       client_accept ();
@@ -694,6 +812,13 @@ control_start (const char *path)
       nbdkit_error ("%s: cannot link to the control socket: %m", link);
       return -1;
     }
+  }
+  /* The job thread may write to job_pipe until it is joined, after
+   * control_stop: the pipe stays open for the life of the process.
+   */
+  if (job_pipe[0] == -1 && pipe2 (job_pipe, O_CLOEXEC | O_NONBLOCK) == -1) {
+    nbdkit_error ("pipe2: %m");
+    return -1;
   }
   if (pipe2 (wake_pipe, O_CLOEXEC) == -1) {
     nbdkit_error ("pipe2: %m");

@@ -623,6 +623,7 @@ job_done (struct job *j, int state, char *error)
   store.job = NULL;
   free (j);
   pthread_cond_broadcast (&store.job_cond);
+  control_job_ended ();
 }
 
 static void *
@@ -886,12 +887,14 @@ job_start_delete (const char *name, int strategy, const char *output,
   *stream_bytes = pages_bytes (pages_missing (lo, up));
 
   is_auto = strategy < 0;
-  /* auto: --output means a stream; else the fewer bytes, and a stream
-   * on a tie (it fills holes in one layer; a commit writes scattered
-   * blocks in place and then deletes a layer).
+  /* auto: --output means a stream; else the fewer bytes, and a commit
+   * on a tie: it writes into space already allocated and frees the
+   * upper layer (deleted after the job ends, outside every lock),
+   * while a stream allocates new space in the sparse upper layer,
+   * which bench/merge measured slower per byte.
    */
   if (is_auto)
-    strategy = output || *stream_bytes <= *commit_bytes
+    strategy = output || *stream_bytes < *commit_bytes
       ? STRATEGY_STREAM : STRATEGY_COMMIT;
   if (strategy == STRATEGY_COMMIT && lo < 0 && !origin_writable) {
     if (!is_auto) {

@@ -334,6 +334,8 @@ extern int top_trim (uint32_t count, uint64_t offset, uint32_t flags,
 /* ---- control.c ---- */
 extern int control_start (const char *path);
 extern void control_stop (void);
+/* Wake the control thread: a job ended ("wait" requests). */
+extern void control_job_ended (void);
 
 /* Describe checkpoint index i as JSON members.  Store lock held. */
 struct jw;

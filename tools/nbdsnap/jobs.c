@@ -1,9 +1,11 @@
 /* nbdsnap: commands that start and follow background jobs: delete (of
  * snapshots: a merge), revert, jobs, wait and cancel.
  *
- * "wait" asks the server for the job list every WAIT_POLL_MS until the
- * jobs it waits for have ended, drawing a progress bar on stderr when
- * that is a terminal (or with --progress), or "N/100" lines on
+ * "wait" sends the server a "wait" request for one job it waits for,
+ * which returns as soon as that job ends, or after WAIT_BAR_MS (with a
+ * progress bar) or WAIT_QUIET_MS, then asks for the job list, until
+ * every job it waits for has ended.  It draws a progress bar on stderr
+ * when that is a terminal (or with --progress), or "N/100" lines on
  * --progress=FD.
  */
 #include <config.h>
@@ -23,7 +25,8 @@
 #include "util.h"
 #include "nbdsnap.h"
 
-#define WAIT_POLL_MS 100
+#define WAIT_BAR_MS 100
+#define WAIT_QUIET_MS 1000
 
 /* Options of these commands (main.c). */
 const char *delete_strategy = NULL;
@@ -250,6 +253,32 @@ get_jobs (const struct command *cmd, const struct json **list)
   return reply;
 }
 
+/* Block until job id ends or ms milliseconds pass (a "wait" request;
+ * the caller then reads the job list).  Return 0, or -1 after an
+ * error message.
+ */
+static int
+wait_for_job (const struct command *cmd, int64_t id, int ms)
+{
+  struct json *reply;
+  struct jw req;
+
+  jw_init (&req);
+  jw_begin_object (&req);
+  jw_key (&req, "cmd");
+  jw_string (&req, "wait");
+  jw_key (&req, "job");
+  jw_int (&req, id);
+  jw_key (&req, "timeout_ms");
+  jw_int (&req, ms);
+  jw_end_object (&req);
+  reply = control_request (cmd, &req);
+  if (reply == NULL)
+    return -1;
+  json_free (reply);
+  return 0;
+}
+
 static const struct json *
 find_job (const struct json *list, int64_t id)
 {
@@ -305,7 +334,7 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
         json_get_int (list->items[i], "id", &ids[nids++]);
 
   for (;;) {
-    int64_t done = 0, total = 0;
+    int64_t done = 0, total = 0, running_id = 0;
     bool running = false;
 
     for (size_t k = 0; k < nids; ++k) {
@@ -313,6 +342,7 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
       int64_t d = 0, t = 0;
       if (j && is_running (j)) {
         running = true;
+        running_id = ids[k];
         json_get_int (j, "bytes_done", &d);
         json_get_int (j, "bytes_total", &t);
         done += d;
@@ -328,7 +358,9 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
       last_pct = pct;
     }
     json_free (reply);
-    nanosleep (&(struct timespec) { 0, WAIT_POLL_MS * 1000000L }, NULL);
+    if (wait_for_job (cmd, running_id, bar ? WAIT_BAR_MS : WAIT_QUIET_MS)
+        == -1)
+      return -1;
     reply = get_jobs (cmd, &list);
     if (reply == NULL)
       return -1;
