@@ -742,8 +742,11 @@ control_thread (void *arg)
     fds[0] = (struct pollfd) { .fd = wake_pipe[0], .events = POLLIN };
     fds[1] = (struct pollfd) { .fd = listen_fd, .events = POLLIN };
     fds[2] = (struct pollfd) { .fd = job_pipe[0], .events = POLLIN };
+    /* A client waiting for a job is not read meanwhile: its later
+     * requests wait in the socket, in order.
+     */
     for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i)
-      if (clients[i]) {
+      if (clients[i] && !clients[i]->waiting) {
         fds[n++] = (struct pollfd) { .fd = clients[i]->fd, .events = POLLIN };
         idx[nc++] = i;
       }
