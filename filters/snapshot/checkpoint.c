@@ -95,7 +95,8 @@ ckpt_map_alloc (uint64_t id)
  * newly set bit reaches the page cache (and survives the process) with
  * a store instead of a system call (ckpt_mark).  The pages are
  * allocated first, so a store never faults on a full disk.  Without
- * fallocate (EOPNOTSUPP), bits go through pwrite instead.
+ * fallocate (EOPNOTSUPP), or without room for the map, bits go through
+ * pwrite instead.
  */
 static int
 ckpt_map_mmap (struct ckpt_map *d)
@@ -106,8 +107,15 @@ ckpt_map_mmap (struct ckpt_map *d)
   if (len == 0)
     return 0;
   if (fallocate (d->fd, 0, MAPFILE_HEADER_SIZE, len) == -1) {
-    if (errno == EOPNOTSUPP)
+    /* No fallocate here, or no room for the map (a full disk): go on
+     * without the mapping; a write whose bits cannot be written then
+     * fails with the error, as any write to a full store does.
+     */
+    if (errno == EOPNOTSUPP || errno == ENOSPC) {
+      nbdkit_debug ("dirty-%" PRIu64 ".map: not mapped: fallocate: %m",
+                    d->id);
       return 0;
+    }
     nbdkit_error ("dirty-%" PRIu64 ".map: allocating %zu bytes: %m",
                   d->id, len);
     return -1;
