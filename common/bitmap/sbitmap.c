@@ -59,15 +59,6 @@ words_in_page (const struct sbitmap *bm, size_t p)
   return (left + 63) / 64;
 }
 
-/* Mask of bits [lo, hi) of a word, 0 <= lo < hi <= 64. */
-static inline uint64_t
-word_mask (unsigned lo, unsigned hi)
-{
-  uint64_t m = hi == 64 ? ~UINT64_C (0) : (UINT64_C (1) << hi) - 1;
-
-  return m & (~UINT64_C (0) << lo);
-}
-
 static inline uint64_t *
 get_page (const struct sbitmap *bm, size_t p)
 {
@@ -223,7 +214,7 @@ page_update (uint64_t *page, uint64_t first, uint64_t n, bool set)
 
   for (; w <= wend; ++w, lo = 0) {
     unsigned hi = w == wend ? (first + n - 1) % 64 + 1 : 64;
-    uint64_t mask = word_mask (lo, hi), old;
+    uint64_t mask = sbitmap_word_mask (lo, hi), old;
 
     if (set) {
       old = __atomic_fetch_or (&page[w], mask, ORDER);
@@ -373,7 +364,7 @@ sbitmap_count_range (const struct sbitmap *bm, uint64_t first, uint64_t n)
         unsigned hi = w == wend ? (off + len - 1) % 64 + 1 : 64;
 
         total += __builtin_popcountll (__atomic_load_n (&page[w], ORDER) &
-                                       word_mask (lo, hi));
+                                       sbitmap_word_mask (lo, hi));
       }
     }
     first += len;
@@ -458,7 +449,7 @@ sbitmap_load_page (struct sbitmap *bm, size_t p,
       valid = ~UINT64_C (0);
     else if (w + 1 == nwords) {
       uint64_t end = bm->nbits - (uint64_t) p * SBITMAP_PAGE_BITS - w * 64;
-      valid = word_mask (0, end < 64 ? end : 64);
+      valid = sbitmap_word_mask (0, end < 64 ? end : 64);
     }
     else
       valid = 0;

@@ -41,6 +41,15 @@ struct sbitmap {
   uint64_t count;               /* Number of set bits (atomic). */
 };
 
+/* Mask of bits [lo, hi) of a word, 0 <= lo < hi <= 64. */
+static inline uint64_t
+sbitmap_word_mask (unsigned lo, unsigned hi)
+{
+  uint64_t m = hi == 64 ? ~UINT64_C (0) : (UINT64_C (1) << hi) - 1;
+
+  return m & (~UINT64_C (0) << lo);
+}
+
 /* Initialise an all-zero bitmap of nbits bits.  Return 0, or -1 with
  * errno set (ENOMEM).
  */

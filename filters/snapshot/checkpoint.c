@@ -299,10 +299,9 @@ static void
 ckpt_map_store_bits (struct ckpt_map *d, uint64_t first, uint64_t last)
 {
   for (uint64_t w = first / 64; w <= last / 64; ++w) {
-    uint64_t lo = w == first / 64 ? first % 64 : 0;
-    uint64_t hi = w == last / 64 ? last % 64 : 63;
-    uint64_t mask = (hi == 63 ? UINT64_MAX : (UINT64_C (1) << (hi + 1)) - 1)
-      & ~((UINT64_C (1) << lo) - 1);
+    unsigned lo = w == first / 64 ? first % 64 : 0;
+    unsigned hi = w == last / 64 ? last % 64 + 1 : 64;
+    uint64_t mask = sbitmap_word_mask (lo, hi);
     if ((le64toh (__atomic_load_n (&d->mm[w], __ATOMIC_RELAXED)) & mask)
         != mask)
       __atomic_fetch_or (&d->mm[w], htole64 (mask), __ATOMIC_SEQ_CST);
@@ -314,11 +313,40 @@ ckpt_map_store_bits (struct ckpt_map *d, uint64_t first, uint64_t last)
  */
 static uint64_t seq_next = UINT64_MAX;
 
+/* A sequential writer (this write, blocks [first, last], starts where
+ * the last newly dirtied range, or the window marked ahead of it,
+ * ended) will dirty the next blocks soon: mark a window ahead now, so
+ * it pays for one window rather than one request at a time.  Marking
+ * a block that then does not change is allowed (a backup reads it for
+ * nothing); missing one never is.  Random writes do not match, so
+ * they get no extra marks.  The window is at most MARK_AHEAD_MAX
+ * blocks.  Set *next past the blocks marked.  Return 0, or -1.
+ */
+static int
+mark_ahead (struct ckpt_map *d, uint64_t first, uint64_t last,
+            uint64_t *next)
+{
+  const uint64_t expected = __atomic_load_n (&seq_next, __ATOMIC_RELAXED);
+
+  *next = last + 1;
+  if ((first == expected || first + 1 == expected) &&
+      last + 1 < store.nblocks) {
+    uint64_t n = last - first + 1;
+    uint64_t ahead = MIN (MAX (MARK_AHEAD_MIN, 4 * n), MARK_AHEAD_MAX);
+    ahead = MIN (ahead, store.nblocks - last - 1);
+    if (sbitmap_set_range (&d->bm, last + 1, ahead) == -1)
+      return -1;
+    *next += ahead;
+  }
+  __atomic_store_n (&seq_next, *next, __ATOMIC_RELAXED);
+  return 0;
+}
+
 int
 ckpt_mark (uint64_t offset, uint64_t count, bool durable)
 {
   struct ckpt_map *d;
-  uint64_t first, last, expected, next;
+  uint64_t first, last, next;
   int64_t added;
 
   if (store.m.nckpts == 0 || count == 0)
@@ -329,44 +357,15 @@ ckpt_mark (uint64_t offset, uint64_t count, bool durable)
   added = sbitmap_set_range (&d->bm, first, last - first + 1);
   if (added == -1)
     return -1;
-  if (added == 0) {
-    /* Already set in memory, but maybe by a writer that has not yet
-     * stored it in the file or its region's intent: check both (cheap
-     * when they are there) rather than trust it.
-     */
-    if (!durable)
-      return 0;
-    if (d->mm)
-      ckpt_map_store_bits (d, first, last);
-    else if (ckpt_map_persist (d, false) == -1)
-      return -1;
-    return intent_ensure (first, last);
-  }
-
-  /* A sequential writer (this write starts where the last newly
-   * dirtied range, or the window marked ahead of it, ended) will dirty
-   * the next blocks soon: mark a window ahead now, so it pays one sync
-   * per window rather than one per request.  Marking a block that then
-   * does not change is allowed (a backup reads it for nothing); missing
-   * one never is.  Random writes do not match, so they get no extra
-   * marks.  The window is at most MARK_AHEAD_MAX blocks.
-   */
-  expected = __atomic_load_n (&seq_next, __ATOMIC_RELAXED);
   next = last + 1;
-  if ((first == expected || first + 1 == expected) &&
-      last + 1 < store.nblocks) {
-    uint64_t n = last - first + 1;
-    uint64_t ahead = MIN (MAX (MARK_AHEAD_MIN, 4 * n), MARK_AHEAD_MAX);
-    ahead = MIN (ahead, store.nblocks - last - 1);
-    if (sbitmap_set_range (&d->bm, last + 1, ahead) == -1)
-      return -1;
-    next += ahead;
-  }
-  __atomic_store_n (&seq_next, next, __ATOMIC_RELAXED);
+  if (added > 0 && mark_ahead (d, first, last, &next) == -1)
+    return -1;
   if (!durable)
     return 0;
   /* The fine bits reach the page cache first, then the regions' intent
-   * bits reach the disk (intent.c).
+   * bits reach the disk (intent.c).  Bits already set in memory are
+   * checked too (cheap when they are there): another writer may have
+   * set them and not yet stored them or made their region durable.
    */
   if (d->mm)
     ckpt_map_store_bits (d, first, next - 1);
