@@ -54,6 +54,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -337,13 +338,136 @@ next_candidate (struct job *j, uint64_t p)
   return sbitmap_find_next_clear (&store.layers[j->upper]->map, p);
 }
 
+/* ---- Writing back while copying ---- */
+
+/* What a commit copies into the origin sits in the page cache until
+ * the job's final sync, and on an otherwise idle machine the disk would
+ * wait for the whole copy before writing any of it.  A flusher thread
+ * flushes the origin each time FLUSH_AHEAD_BYTES more have been copied,
+ * while the copy goes on, so copying and writing back overlap and the
+ * final sync finds little left to write.  This changes only when the
+ * data reaches the disk: what a crash may lose still rests on the final
+ * job_sync alone.
+ *
+ * Only for the origin, whose blocks are usually allocated already.  A
+ * layer is a sparse file being filled: syncing it while it fills makes
+ * the file system allocate it in small pieces as they come instead of
+ * in large delayed-allocation extents, and a 5% stream of 1 GiB went
+ * from 0.96 s to 4.1 s (bench/merge).
+ */
+#define FLUSH_AHEAD_BYTES (UINT64_C (64) << 20)
+
+struct flusher {
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  bool kicked;                  /* a sync was asked for since the last */
+  bool stop;
+  int err;                      /* errno of the first failed sync, or 0 */
+};
+
+static int
+flusher_sync (void)
+{
+  int err = 0;
+
+  /* Without bg_lock: only started when the plugin is parallel. */
+  if (bg_next->can_flush (bg_next) == 1 &&
+      bg_next->flush (bg_next, 0, &err) == -1) {
+    errno = err ? err : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+static void *
+flusher_main (void *arg)
+{
+  struct flusher *f = arg;
+
+  for (;;) {
+    {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
+      while (!f->kicked && !f->stop)
+        pthread_cond_wait (&f->cond, &f->lock);
+      if (f->stop)
+        return NULL;            /* The job does the final sync. */
+      f->kicked = false;
+    }
+    /* A failed sync may report its error only once per open file, so
+     * the final sync could miss it: keep it for the job.
+     */
+    if (flusher_sync () == -1) {
+      ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
+      if (f->err == 0)
+        f->err = errno ? errno : EIO;
+    }
+  }
+}
+
+/* Start a flusher if job j writes into the origin; false if not, or
+ * if the plugin is not parallel (bg_next must then be used by one
+ * thread at a time).
+ */
+static bool
+flusher_start (struct flusher *f, struct job *j)
+{
+  int e;
+
+  if (!bg_parallel)
+    return false;
+  {
+    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    if (job_target (j) != NULL)
+      return false;
+  }
+  pthread_mutex_init (&f->lock, NULL);
+  pthread_cond_init (&f->cond, NULL);
+  f->kicked = f->stop = false;
+  f->err = 0;
+  e = pthread_create (&f->thread, NULL, flusher_main, f);
+  if (e != 0) {
+    nbdkit_debug ("snapshot: job flusher not started: %s", strerror (e));
+    pthread_cond_destroy (&f->cond);
+    pthread_mutex_destroy (&f->lock);
+    return false;
+  }
+  return true;
+}
+
+static void
+flusher_kick (struct flusher *f)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
+  f->kicked = true;
+  pthread_cond_signal (&f->cond);
+}
+
+/* Stop and join the flusher; its first error (errno), or 0. */
+static int
+flusher_stop (struct flusher *f)
+{
+  int err;
+
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
+    f->stop = true;
+    pthread_cond_signal (&f->cond);
+  }
+  pthread_join (f->thread, NULL);
+  err = f->err;
+  pthread_cond_destroy (&f->cond);
+  pthread_mutex_destroy (&f->lock);
+  return err;
+}
+
 /* Copy what the job needs in chunks, each with the page range locked
  * and store.lock shared, so clients keep going between chunks.
  */
 static int
-job_scan (struct job *j)
+job_copy (struct job *j, struct flusher *f)
 {
-  uint64_t p = 0, since_sync = 0;
+  uint64_t p = 0, since_sync = 0, kicked_at = 0;
 
   while (p < store.npages) {
     uint64_t e;
@@ -379,6 +503,13 @@ job_scan (struct job *j)
     if (ret == -1)
       return -1;
     p = e;
+    if (f) {
+      uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
+      if (done - kicked_at >= FLUSH_AHEAD_BYTES) {
+        flusher_kick (f);
+        kicked_at = done;
+      }
+    }
     /* -D snapshot.job_delay=US slows jobs down, for crash tests. */
     if (snapshot_debug_job_delay > 0) {
       struct timespec ts = {
@@ -387,6 +518,29 @@ job_scan (struct job *j)
       };
       nanosleep (&ts, NULL);
     }
+  }
+  return 0;
+}
+
+static int
+job_scan (struct job *j)
+{
+  struct flusher f;
+  bool flushing = flusher_start (&f, j);
+  int r, err;
+
+  r = job_copy (j, flushing ? &f : NULL);
+  err = errno;
+  if (flushing) {
+    int ferr = flusher_stop (&f);
+    if (r == 0 && ferr != 0) {
+      r = -1;
+      err = ferr;
+    }
+  }
+  if (r == -1) {
+    errno = err;
+    return -1;
   }
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
   return job_sync (j);

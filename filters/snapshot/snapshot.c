@@ -47,6 +47,10 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_intent_clear_ms = 5000;
 nbdkit_next *bg_next;
 pthread_mutex_t bg_lock = PTHREAD_MUTEX_INITIALIZER;
 static bool bg_writable;        /* bg_next was opened read-write */
+/* nbdkit runs the plugin in the parallel thread model: bg_next may
+ * then be called from two threads at once (a job's flusher).
+ */
+bool bg_parallel;
 
 /* common/ code reports errors through these. */
 void
@@ -151,6 +155,7 @@ snapshot_thread_model (void)
 static int
 snapshot_get_ready (int thread_model)
 {
+  bg_parallel = thread_model == NBDKIT_THREAD_MODEL_PARALLEL;
   if (store_lock (store_param) == -1 || store_load () == -1)
     return -1;
   /* Refuse a duplicate before forking, so the command line says so. */

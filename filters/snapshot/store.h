@@ -346,6 +346,7 @@ extern void describe_checkpoint (struct jw *w, size_t i);
  */
 extern nbdkit_next *bg_next;
 extern pthread_mutex_t bg_lock;
+extern bool bg_parallel;
 extern int flush_origin_bg (void);
 
 /* Whether the origin can be written by a job: the background context

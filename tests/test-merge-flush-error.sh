@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# nbdkit-snapshot
+# A commit into the origin flushes the origin from a second thread
+# while it copies (so writing back overlaps the copy).  A flush that
+# fails there must fail the job even when every later flush succeeds:
+# a failed fdatasync reports its error once per open file, so the
+# job's own final flush would not see it.  The origin here is an
+# nbdkit sh plugin (parallel) whose flush fails exactly once, when a
+# trigger file exists: every flush after that one succeeds.  The failed commit stays journaled, blocks
+# other jobs with its reason, and resumes at the next start; then the
+# origin holds exactly what the live volume showed.
+
+source ./functions.sh
+set -e
+set -x
+
+requires nbdsh --version
+requires nbdcopy --version
+requires jq --version
+requires dd --version
+
+origin=$tmp/origin.img
+store=$tmp/store
+sock=$tmp/nbd.sock
+trigger=$tmp/fail-next-flush
+
+# 96 MiB: more than the flusher's 64 MiB step, so a commit of the
+# whole volume asks for one flush while it copies.
+size=$((96 << 20))
+truncate -s $size $origin
+
+cat > $tmp/origin.sh <<EOF
+#!/usr/bin/env bash
+f=$origin
+case "\$1" in
+    thread_model) echo parallel ;;
+    get_size) stat -c %s \$f ;;
+    can_write|can_flush) exit 0 ;;
+    pread) dd if=\$f skip=\$4 count=\$3 iflag=skip_bytes,count_bytes \\
+              status=none ;;
+    pwrite) dd of=\$f seek=\$4 conv=notrunc oflag=seek_bytes \\
+               status=none ;;
+    flush)
+        if rm $trigger 2>/dev/null; then
+            echo "EIO injected flush failure" >&2
+            exit 1
+        fi
+        sync \$f ;;
+    *) exit 2 ;;
+esac
+EOF
+chmod +x $tmp/origin.sh
+
+start ()
+{
+    start_nbdkit -P $tmp/nbdkit.pid -U $sock \
+                 --filter=$FILTER sh $tmp/origin.sh snapshot-store=$store
+}
+
+start
+nbdsnap -c $store create s1
+# Every byte of the volume changed after s1: the commit copies it all.
+nbdsh -u "$(nbd_uri $sock)" -c "
+import random
+rng = random.Random(7)
+size = h.get_size()
+step = 1 << 20
+for off in range(0, size, step):
+    h.pwrite(rng.randbytes(step), off)
+h.flush()
+"
+save_export $sock "" $tmp/live.img
+
+touch $trigger
+status=0
+nbdsnap -c $store delete s1 --strategy=commit > $tmp/out 2>&1 || status=$?
+cat $tmp/out
+[ "$status" -eq 0 ] || fail "delete s1 was refused"
+job="$(nbdsnap -c $store --json jobs | jq -r '.jobs[-1].id')"
+status=0
+nbdsnap -c $store wait "$job" > $tmp/out 2> $tmp/err || status=$?
+cat $tmp/out $tmp/err
+[ "$status" -eq 1 ] || fail "wait: exit status $status, expected 1"
+grep -F "job $job failed" $tmp/err || fail "wait did not report the failure"
+# The one failing flush was the flusher's, while the job copied.
+[ ! -e $trigger ] || fail "the origin was never flushed during the commit"
+grep -F "injected flush failure" $tmp/nbdkit.log ||
+    fail "the injected flush failure is not in the log"
+nbdsnap -c $store --json jobs |
+    jq -e --argjson j "$job" '.jobs[] | select(.id == $j) |
+                              .state == "failed"' ||
+    fail "job $job is not failed"
+
+# Journaled: another job is refused with the reason, and the views
+# still read as before.
+status=0
+nbdsnap -c $store delete s1 > $tmp/out 2> $tmp/err || status=$?
+cat $tmp/out $tmp/err
+[ "$status" -eq 1 ] || fail "a second job was not refused"
+grep -F "failed and must finish" $tmp/err || fail "no reason given"
+[ "$(export_md5 $sock)" = "$(md5 $tmp/live.img)" ] ||
+    fail "the live volume changed after the failed commit"
+
+# Restart: the commit resumes and completes; the origin then holds the
+# live volume, and the snapshot is gone.
+stop_nbdkit $nbdkit_pid
+start
+nbdsnap -c $store wait || fail "the resumed commit did not finish"
+nbdsnap -c $store --json list > $tmp/list
+cat $tmp/list
+jq -e '[.checkpoints[] | select(.name == "s1")] | length == 0' $tmp/list ||
+    fail "s1 still exists after the resumed commit"
+[ "$(export_md5 $sock)" = "$(md5 $tmp/live.img)" ] ||
+    fail "the live volume changed through the resumed commit"
+stop_nbdkit $nbdkit_pid
+cmp $origin $tmp/live.img || fail "the origin does not hold the live volume"
