@@ -340,24 +340,21 @@ next_candidate (struct job *j, uint64_t p)
 
 /* ---- Writing back while copying ---- */
 
-/* What a commit copies into the origin sits in the page cache until
- * the job's final sync, and on an otherwise idle machine the disk would
- * wait for the whole copy before writing any of it.  A flusher thread
- * flushes the origin each time FLUSH_AHEAD_BYTES more have been copied,
- * while the copy goes on, so copying and writing back overlap and the
- * final sync finds little left to write.  This changes only when the
- * data reaches the disk: what a crash may lose still rests on the final
- * job_sync alone.
- *
- * Only for the origin, whose blocks are usually allocated already.  A
- * layer is a sparse file being filled: syncing it while it fills makes
- * the file system allocate it in small pieces as they come instead of
- * in large delayed-allocation extents, and a 5% stream of 1 GiB went
- * from 0.96 s to 4.1 s (bench/merge).
+/* What a job copies sits in the page cache until its final sync, and
+ * on an otherwise idle machine the disk would wait for the whole copy
+ * before writing any of it.  A flusher thread syncs the job's target
+ * (the origin, or the layer it fills) each time FLUSH_AHEAD_BYTES more
+ * have been copied, while the copy goes on, so copying and writing back
+ * overlap and the final sync finds little left to write.  On the bench
+ * machine a 95% commit of 1 GiB went from 0.86 to 0.64 s, a 5% stream
+ * from 0.95 to 0.79 s, a 50% one from 0.58 to 0.46 s.  This changes only
+ * when the data reaches the disk: what a crash may lose still rests on
+ * the final job_sync alone.
  */
 #define FLUSH_AHEAD_BYTES (UINT64_C (64) << 20)
 
 struct flusher {
+  struct layer *l;              /* the layer to sync, or NULL: the origin */
   pthread_t thread;
   pthread_mutex_t lock;
   pthread_cond_t cond;
@@ -367,10 +364,13 @@ struct flusher {
 };
 
 static int
-flusher_sync (void)
+flusher_sync (struct flusher *f)
 {
   int err = 0;
 
+  /* The data only: the final job_sync writes the layer's map. */
+  if (f->l)
+    return fdatasync (f->l->data_fd);
   /* Without bg_lock: only started when the plugin is parallel. */
   if (bg_next->can_flush (bg_next) == 1 &&
       bg_next->flush (bg_next, 0, &err) == -1) {
@@ -397,7 +397,7 @@ flusher_main (void *arg)
     /* A failed sync may report its error only once per open file, so
      * the final sync could miss it: keep it for the job.
      */
-    if (flusher_sync () == -1) {
+    if (flusher_sync (f) == -1) {
       ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
       if (f->err == 0)
         f->err = errno ? errno : EIO;
@@ -405,22 +405,21 @@ flusher_main (void *arg)
   }
 }
 
-/* Start a flusher if job j writes into the origin; false if not, or
- * if the plugin is not parallel (bg_next must then be used by one
- * thread at a time).
+/* Start a flusher for job j's target; false if there is none (the
+ * origin of a plugin that is not parallel: bg_next must then be used
+ * by one thread at a time).
  */
 static bool
 flusher_start (struct flusher *f, struct job *j)
 {
   int e;
 
-  if (!bg_parallel)
-    return false;
   {
     ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-    if (job_target (j) != NULL)
-      return false;
+    f->l = job_target (j);
   }
+  if (f->l == NULL && !bg_parallel)
+    return false;
   pthread_mutex_init (&f->lock, NULL);
   pthread_cond_init (&f->cond, NULL);
   f->kicked = f->stop = false;
