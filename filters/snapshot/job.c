@@ -355,6 +355,7 @@ next_candidate (struct job *j, uint64_t p)
 
 struct flusher {
   struct layer *l;              /* the layer to sync, or NULL: the origin */
+  int fd;                       /* the flusher's own descriptor of l's data */
   pthread_t thread;
   pthread_mutex_t lock;
   pthread_cond_t cond;
@@ -368,9 +369,9 @@ flusher_sync (struct flusher *f)
 {
   int err = 0;
 
-  /* The data only: the final job_sync writes the layer's map. */
+  /* A layer: the data only (the final job_sync writes its map). */
   if (f->l)
-    return fdatasync (f->l->data_fd);
+    return fdatasync (f->fd);
   /* Without bg_lock: only started when the plugin is parallel. */
   if (bg_next->can_flush (bg_next) == 1 &&
       bg_next->flush (bg_next, 0, &err) == -1) {
@@ -420,6 +421,21 @@ flusher_start (struct flusher *f, struct job *j)
   }
   if (f->l == NULL && !bg_parallel)
     return false;
+  /* A descriptor of its own: a failed write-back reports its error once
+   * per open file, and clients share the layer's data_fd (a revert, a
+   * stream into the live layer).  The flusher must not take the error
+   * that a client's flush is owed.
+   */
+  f->fd = -1;
+  if (f->l) {
+    CLEANUP_FREE char *path = layer_path (f->l->id, "data");
+    f->fd = path ? open (path, O_RDWR | O_CLOEXEC) : -1;
+    if (f->fd == -1) {
+      nbdkit_debug ("snapshot: job flusher not started: %s: %m",
+                    path ? path : "layer path");
+      return false;
+    }
+  }
   pthread_mutex_init (&f->lock, NULL);
   pthread_cond_init (&f->cond, NULL);
   f->kicked = f->stop = false;
@@ -429,6 +445,8 @@ flusher_start (struct flusher *f, struct job *j)
     nbdkit_debug ("snapshot: job flusher not started: %s", strerror (e));
     pthread_cond_destroy (&f->cond);
     pthread_mutex_destroy (&f->lock);
+    if (f->fd >= 0)
+      close (f->fd);
     return false;
   }
   return true;
@@ -457,6 +475,8 @@ flusher_stop (struct flusher *f)
   err = f->err;
   pthread_cond_destroy (&f->cond);
   pthread_mutex_destroy (&f->lock);
+  if (f->fd >= 0)
+    close (f->fd);
   return err;
 }
 
