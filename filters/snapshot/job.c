@@ -412,9 +412,9 @@ flusher_main (void *arg)
       /* What the job wrote below upto is on disk now: let the page
        * cache drop it (clean pages only; a client's dirty ones stay).
        * A merge passes over data no client asked for, and the freed
-       * pages serve the rest of the copy: writing into pages the
-       * kernel has just freed costs far less than into new ones
-       * (bench/merge: see docs/benchmarks.md).
+       * pages serve the rest of the copy: on a VM that hands free
+       * memory back to its host, writing into pages just freed costs
+       * far less than into new ones (docs/benchmarks.md, session 3).
        */
       posix_fadvise (f->fd, f->dropped, upto - f->dropped,
                      POSIX_FADV_DONTNEED);
