@@ -91,6 +91,16 @@ ckpt_map_alloc (uint64_t id)
   return d;
 }
 
+/* OR bits (host order) into word *to of a shared map file mapping,
+ * skipping the atomic write when they are all there already.
+ */
+static inline void
+mm_or (uint64_t *to, uint64_t bits)
+{
+  if ((le64toh (__atomic_load_n (to, __ATOMIC_RELAXED)) & bits) != bits)
+    __atomic_fetch_or (to, htole64 (bits), __ATOMIC_SEQ_CST);
+}
+
 /* Map the bitmap pages of the active map's file shared, so that a
  * newly set bit reaches the page cache (and survives the process) with
  * a store instead of a system call (ckpt_mark).  The pages are
@@ -229,7 +239,7 @@ ckpt_map_write (struct ckpt_map *d, bool sync)
       uint64_t *to = &d->mm[batch.index[i] * SBITMAP_PAGE_WORDS];
       for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
         if (words[w])
-          __atomic_fetch_or (&to[w], htole64 (words[w]), __ATOMIC_SEQ_CST);
+          mm_or (&to[w], words[w]);
     }
     r = 0;
   }
@@ -301,10 +311,7 @@ ckpt_map_store_bits (struct ckpt_map *d, uint64_t first, uint64_t last)
   for (uint64_t w = first / 64; w <= last / 64; ++w) {
     unsigned lo = w == first / 64 ? first % 64 : 0;
     unsigned hi = w == last / 64 ? last % 64 + 1 : 64;
-    uint64_t mask = sbitmap_word_mask (lo, hi);
-    if ((le64toh (__atomic_load_n (&d->mm[w], __ATOMIC_RELAXED)) & mask)
-        != mask)
-      __atomic_fetch_or (&d->mm[w], htole64 (mask), __ATOMIC_SEQ_CST);
+    mm_or (&d->mm[w], sbitmap_word_mask (lo, hi));
   }
 }
 

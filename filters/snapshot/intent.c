@@ -153,9 +153,11 @@ intent_sync_locked (uint64_t mine)
   return 0;
 }
 
-/* Touch regions [r0, r1] in the current epoch and make them durable. */
+/* Touch regions [r0, r1] in the current epoch and make them durable
+ * (takes the lock).
+ */
 static int
-intent_ensure_locked (uint64_t r0, uint64_t r1)
+intent_ensure_slow (uint64_t r0, uint64_t r1)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&intent.lock);
   bool need = false;
@@ -190,7 +192,7 @@ intent_ensure (uint64_t first_block, uint64_t last_block)
     if (!__atomic_load_n (&intent.durable[r], __ATOMIC_SEQ_CST) ||
         __atomic_load_n (&intent.touched[r], __ATOMIC_SEQ_CST) !=
         __atomic_load_n (&intent.epoch, __ATOMIC_SEQ_CST))
-      return intent_ensure_locked (r0, r1);
+      return intent_ensure_slow (r0, r1);
   return 0;
 }
 
@@ -208,10 +210,13 @@ intent_clear (bool rate_limited)
     int64_t now = job_now_ns ();
     bool any = false;
 
+    /* The time first: a client flush rarely needs to scan the regions. */
+    if (rate_limited && now - intent.last_clear_ns <
+        snapshot_debug_intent_clear_ms * INT64_C (1000000))
+      return 0;
     for (uint64_t r = 0; r < intent.nregions && !any; ++r)
       any = intent.want[r];
-    if (!any || (rate_limited && now - intent.last_clear_ns <
-                          snapshot_debug_intent_clear_ms * INT64_C (1000000)))
+    if (!any)
       return 0;
     intent.last_clear_ns = now;
     t = __atomic_add_fetch (&intent.epoch, 1, __ATOMIC_SEQ_CST);
@@ -306,6 +311,8 @@ intent_open (void)
     }
   }
   else {
+    struct ckpt_map *d = store.m.nckpts > 0
+      ? store.maps[store.m.nckpts - 1] : NULL;
     int64_t n = 0;
 
     fd = mapfile_open (path, MAPFILE_KIND_INTENT, region, intent.nregions,
@@ -316,24 +323,21 @@ intent_open (void)
       /* An unclean stop.  In the same boot the page cache kept every
        * fine bit; in another, expand the regions.
        */
-      if (store.m.nckpts > 0 &&
-          (cur[0] == '\0' || strcmp (prev, cur) != 0))
+      if (d && (cur[0] == '\0' || strcmp (prev, cur) != 0))
         n = intent_expand (&bm);
       /* Sync the whole file: the kernel may hold fine bits that were
        * written before the stop but never synced.
        */
-      if (store.m.nckpts > 0)
-        store.maps[store.m.nckpts - 1]->unsynced = true;
-      if (n == -1 ||
-          (store.m.nckpts > 0 &&
-           ckpt_map_persist (store.maps[store.m.nckpts - 1], true) == -1)) {
+      if (d)
+        d->unsynced = true;
+      if (n == -1 || (d && ckpt_map_persist (d, true) == -1)) {
         nbdkit_error ("%s: recovering the write-intent regions: %m",
                       store.dir);
         sbitmap_free (&bm);
         close (fd);
         return -1;
       }
-      if (store.m.nckpts > 0)
+      if (d)
         nbdkit_debug ("snapshot: unclean stop: %s", n > 0
                       ? "marked the blocks of every region written "
                       "(another boot)"
