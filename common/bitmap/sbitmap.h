@@ -15,11 +15,11 @@
  * changes, which mapfile.h uses to write back only changed pages.
  *
  * Thread safety: sbitmap_test, _set, _clear, _set_range, _clear_range,
- * _find_next_set, _find_next_clear, _count and _take_dirty may be
- * called concurrently with each other (bit updates are atomic word
- * operations; a page is installed with compare-and-swap).  A find that
- * runs concurrently with updates sees each word either before or after
- * each update.  sbitmap_init, _free and _load_page must not run
+ * _find_next_set, _find_next_clear, _count, _count_range and
+ * _take_dirty may be called concurrently with each other (bit updates
+ * are atomic word operations; a page is installed with
+ * compare-and-swap).  A find or count that runs concurrently with
+ * updates sees each word either before or after each update.  sbitmap_init, _free and _load_page must not run
  * concurrently with anything else on the same bitmap.
  */
 #ifndef SNAP_SBITMAP_H
