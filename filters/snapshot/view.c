@@ -342,8 +342,8 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
  * becomes a delayed extent of its own, reserved and looked up one by
  * one.  Into allocated space, the later writes of the block's pages
  * only map what is there.  Random 4K writes into a fresh layer on ext4
- * went from about 0.6x to 0.9x the speed of the same writes to the
- * origin in place (bench/run, docs/benchmarks.md).
+ * ran 10-20% faster in back-to-back runs (docs/benchmarks.md, session
+ * 4, has the figures and their noise).
  *
  * Why the second page and not the first: a block that gets only one
  * page (sequential 4K writes at a stride, or a lone change) would pay
