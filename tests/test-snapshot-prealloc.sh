@@ -4,7 +4,8 @@
 # written (filters/snapshot/view.c, top_preallocate), and never
 # before: a single 4K write into a fresh 64K block takes 4K of disk,
 # and so do rewrites of that page; a second page takes the whole
-# block.  The pages written before and
+# block.  With 2M blocks the unit allocated is 64K, and with 4K blocks
+# nothing is allocated ahead.  The pages written before and
 # after the allocation are on disk as written (read back from the
 # layer file with O_DIRECT after a flush), the view equals a reference
 # image changed the same way, and it still does after a restart.
@@ -113,3 +114,26 @@ stop_nbdkit $nbdkit_pid
 start
 [ "$(export_md5 $sock)" = "$(md5 $REF)" ]
 [ "$(export_md5 $sock snap/s1)" = "$(md5 $origin)" ]
+stop_nbdkit $nbdkit_pid
+
+# Other block sizes: two pages 20K apart in a fresh 64K-aligned range.
+for bs in 2M 4K; do
+    case $bs in 2M) want=65536 ;; 4K) want=8192 ;; esac
+    rm -rf $store $REF
+    cp $origin $REF
+    start_nbdkit -P $tmp/nbdkit-$bs.pid -U $sock \
+                 --filter=$FILTER file $origin \
+                 snapshot-store=$store snapshot-block-size=$bs
+    nbdsnap -c $store create s1
+    layer=$(ls $store/layer-*.data)
+    run "
+w(b'\\x11' * 4096, 40 * 65536 + 4096)
+w(b'\\x22' * 1000, 40 * 65536 + 6 * 4096 + 10)
+h.flush()
+check(0, h.get_size())
+"
+    [ "$(allocated)" -ge $want ]
+    [ "$(allocated)" -le $(( want + 16384 )) ]
+    [ "$(export_md5 $sock)" = "$(md5 $REF)" ]
+    stop_nbdkit $nbdkit_pid
+done

@@ -331,55 +331,72 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
   return -1;
 }
 
-/* Give the newest layer the whole space of a block when a write
- * brings a second page into it: allocate the block, as unwritten space
- * that reads as zeros.  The write is [offset, end), pg is the page of
- * it in block b.  Only a hint, so errors are ignored (a full disk then
- * fails the write itself, or not, as without it).
+/* Give the newest layer the whole space of an allocation unit when a
+ * write brings a second page into it: allocate the unit, as unwritten
+ * space that reads as zeros.  The unit is the block
+ * (snapshot-block-size), or PREALLOC_MAX if blocks are larger: a
+ * block size chosen for small dirty maps must not make a layer grow by
+ * 2 MiB at a time.  With 4 KiB blocks a unit is one page, and nothing
+ * is ever allocated ahead.  Only a hint, so errors are ignored (a full
+ * disk then fails the write itself, or not, as without it), and a file
+ * system that cannot allocate ahead is not asked again.
  *
  * Why: a write of a few pages into a hole of a sparse file is slow on
  * extent-based file systems with delayed allocation (ext4): each page
  * becomes a delayed extent of its own, reserved and looked up one by
- * one.  Into allocated space, the later writes of the block's pages
+ * one.  Into allocated space, the later writes of the unit's pages
  * only map what is there.  Random 4K writes into a fresh layer on ext4
  * ran 10-20% faster in back-to-back runs (docs/benchmarks.md, session
  * 4, has the figures and their noise).
  *
- * Why the second page and not the first: a block that gets only one
+ * Why the second page and not the first: a unit that gets only one
  * page (sequential 4K writes at a stride, or a lone change) would pay
- * a fallocate call for nothing and hold a whole block of disk; the
- * allocation pays off only for blocks written again.  Not for a block
+ * a fallocate call for nothing and hold a whole unit of disk; the
+ * allocation pays off only for units written again.  Not for a unit
  * the write covers whole (a run of whole pages is allocated as one
- * extent anyway), nor for a write to the page the block already holds
+ * extent anyway), nor for a write to the page the unit already holds
  * (a rewrite of one page in place must not call fallocate each time).
- * So a layer grows by pages while its blocks are sparse, by whole
- * blocks of snapshot-block-size once they are not, as a qcow2 image
- * grows by clusters.
+ * So a layer grows by pages while its units are sparse, by whole units
+ * once they are not, as a qcow2 image grows by clusters.
  */
-static void
-top_preallocate_block (const struct layer *top, uint64_t b, uint64_t pg,
-                       uint64_t offset, uint64_t end)
-{
-  const uint64_t bs = store.block_size, ppb = bs >> PAGE_SHIFT;
-  const uint64_t boff = b * bs, bend = MIN (boff + bs, store.size);
-  const uint64_t first = b * ppb;
+#define PREALLOC_MAX (64 * 1024)
 
-  if ((offset <= boff && end >= bend) || sbitmap_test (&top->map, pg) ||
+static bool prealloc_unsupported;
+
+static uint64_t
+prealloc_unit (void)
+{
+  return MIN ((uint64_t) store.block_size, (uint64_t) PREALLOC_MAX);
+}
+
+static void
+top_preallocate_unit (const struct layer *top, uint64_t u, uint64_t pg,
+                      uint64_t offset, uint64_t end)
+{
+  const uint64_t us = prealloc_unit (), ppu = us >> PAGE_SHIFT;
+  const uint64_t uoff = u * us, uend = MIN (uoff + us, store.size);
+  const uint64_t first = u * ppu;
+
+  if ((offset <= uoff && end >= uend) || sbitmap_test (&top->map, pg) ||
       sbitmap_count_range (&top->map, first,
-                           MIN (ppb, store.npages - first)) != 1)
+                           MIN (ppu, store.npages - first)) != 1)
     return;
-  (void) fallocate (top->data_fd, FALLOC_FL_KEEP_SIZE, boff, bend - boff);
+  if (fallocate (top->data_fd, FALLOC_FL_KEEP_SIZE, uoff, uend - uoff) == -1
+      && errno == EOPNOTSUPP)
+    __atomic_store_n (&prealloc_unsupported, true, __ATOMIC_RELAXED);
 }
 
 static void
 top_preallocate (const struct layer *top, uint64_t offset, uint64_t end)
 {
-  const uint64_t first = offset / store.block_size;
-  const uint64_t last = (end - 1) / store.block_size;
+  const uint64_t first = offset / prealloc_unit ();
+  const uint64_t last = (end - 1) / prealloc_unit ();
 
-  top_preallocate_block (top, first, offset >> PAGE_SHIFT, offset, end);
+  if (__atomic_load_n (&prealloc_unsupported, __ATOMIC_RELAXED))
+    return;
+  top_preallocate_unit (top, first, offset >> PAGE_SHIFT, offset, end);
   if (last != first)
-    top_preallocate_block (top, last, (end - 1) >> PAGE_SHIFT, offset, end);
+    top_preallocate_unit (top, last, (end - 1) >> PAGE_SHIFT, offset, end);
 }
 
 /* Split [offset, offset+count) into partial head and tail pages and a
