@@ -19,8 +19,9 @@
  * _take_dirty may be called concurrently with each other (bit updates
  * are atomic word operations; a page is installed with
  * compare-and-swap).  A find or count that runs concurrently with
- * updates sees each word either before or after each update.  sbitmap_init, _free and _load_page must not run
- * concurrently with anything else on the same bitmap.
+ * updates sees each word either before or after each update.
+ * sbitmap_init, _free and _load_page must not run concurrently with
+ * anything else on the same bitmap.
  */
 #ifndef SNAP_SBITMAP_H
 #define SNAP_SBITMAP_H
