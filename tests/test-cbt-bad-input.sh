@@ -75,9 +75,16 @@ h.pread(4096, 0)
 reader=$!
 cleanup_fn kill $reader
 wait_for test -e $tmp/ready
+nbdsnap -c $store --json info b | jq -e '.checkpoint.connections == 1'
+nbdsnap -c $store info b | grep -Fx 'connections: 1'
 expect_error "checkpoint 'b' is in use by 1 connection" delete b
 echo > $tmp/go
 wait $reader
+# The client has gone; nbdkit closes its side just after.
+unused () {
+    nbdsnap -c $store --json info $1 | jq -e '.checkpoint.connections == 0'
+}
+wait_for unused b
 nbdsnap -c $store delete b
 nbdsnap -c $store --json list > $tmp/list.json
 jq -e '[.checkpoints[].name] == ["a", "s1", "s2"]' $tmp/list.json

@@ -171,9 +171,17 @@ expect_error "snapshot 's2' is in use by 1 connection" delete s2
 expect_error "snapshot 's1' is in use by 1 connection" delete s1 --strategy=stream
 hold snap/s2 c
 expect_error "snapshot 's2' is in use by 2 connections" delete s2
+nbdsnap -c $store --json info s2 | jq -e '.checkpoint.connections == 2'
+nbdsnap -c $store --json info s1 | jq -e '.checkpoint.connections == 1'
 release a
 release b
 release c
+# The clients have gone; nbdkit closes its side just after.
+unused () {
+    nbdsnap -c $store --json info $1 | jq -e '.checkpoint.connections == 0'
+}
+wait_for unused s1
+wait_for unused s2
 nbdsnap -c $store --json jobs | jq -e '.jobs == []'
 
 # One job at a time.

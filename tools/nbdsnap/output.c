@@ -94,6 +94,7 @@ struct checkpoint {
   const char *export;           /* NULL if it has no export */
   const char *dirty_export;     /* dirty/NAME, or NULL */
   uint64_t changed_blocks, changed_bytes, layer_bytes;
+  int64_t connections;          /* -1 if the server did not say */
 };
 
 static bool
@@ -148,6 +149,8 @@ get_checkpoint (const struct command *cmd, const struct json *v,
     return -1;
   cp->export = json_get_string (v, "export");
   cp->dirty_export = json_get_string (v, "dirty_export");
+  if (!json_get_int (v, "connections", &cp->connections))
+    cp->connections = -1;
 
   /* Prefer the server's rendering of the time; make one if absent. */
   iso = json_get_string (v, "created_iso");
@@ -231,6 +234,8 @@ print_info (const struct command *cmd, const struct json *reply, FILE *out)
            human_size (h1, sizeof h1, cp.changed_bytes));
   fprintf (out, "layer bytes: %" PRIu64 " (%s)\n", cp.layer_bytes,
            human_size (h2, sizeof h2, cp.layer_bytes));
+  if (cp.connections >= 0)
+    fprintf (out, "connections: %" PRIi64 "\n", cp.connections);
   return 0;
 }
 
