@@ -23,6 +23,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <nbdkit-filter.h>
@@ -233,6 +234,34 @@ cmd_create (const struct json *req)
 static char *
 ok_job_reply (const struct job *j);
 
+/* A client that has just disconnected from snap/NAME or dirty/NAME is
+ * still counted until nbdkit has closed its side of the connection,
+ * which follows at once.  So "nbdcopy ... snap/s1 ... && nbdsnap delete
+ * s1" would fail now and then.  Give connections that are going away
+ * up to UNUSED_GRACE_MS to go before a delete looks at them (without
+ * store.lock held meanwhile: clients go on).  A connection that stays
+ * open still gets the delete refused, just that much later.
+ */
+#define UNUSED_GRACE_MS 1000
+
+static void
+wait_unused (const char *name)
+{
+  const struct timespec step = { .tv_sec = 0, .tv_nsec = 5000000 };
+
+  for (int waited = 0; waited < UNUSED_GRACE_MS; waited += 5) {
+    {
+      ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+      ssize_t i = manifest_find_checkpoint (&store.m, name);
+
+      if (i < 0 ||
+          __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST) == 0)
+        return;
+    }
+    nanosleep (&step, NULL);
+  }
+}
+
 static char *
 cmd_delete (const struct json *req)
 {
@@ -283,6 +312,7 @@ cmd_delete (const struct json *req)
       return error_reply ("no checkpoint named '%s'", name);
     is_snapshot = store.m.ckpts[i].kind == CKPT_SNAPSHOT;
   }
+  wait_unused (name);
   if (!is_snapshot) {
     struct jw w;
     if (strategy || output || keep_bitmap)
