@@ -19,7 +19,7 @@ store=$tmp/store
 sock=$tmp/nbd.sock
 
 make_origin $origin 8M
-start_nbdkit -P $tmp/nbdkit.pid -U $sock \
+start_nbdkit -P $tmp/nbdkit.pid -U $sock -v \
              --filter=$FILTER file $origin snapshot-store=$store
 
 nbdsnap -c $store create a --bitmap-only
@@ -78,11 +78,18 @@ wait_for test -e $tmp/ready
 nbdsnap -c $store --json info b | jq -e '.checkpoint.connections == 1'
 nbdsnap -c $store info b | grep -Fx 'connections: 1'
 expect_error "checkpoint 'b' is in use by 1 connection" delete b
+# A delete gives connections a moment to close (control.c,
+# wait_unused): started while the reader is still connected, it waits
+# (the debug log says so), and succeeds once the reader has gone.
+waits () { grep -c "delete 'b': waiting up to" $nbdkit_log || :; }
+waits0=$(waits)
+more_waits () { [ "$(waits)" -gt "$waits0" ]; }
+nbdsnap -c $store delete b &
+deleter=$!
+wait_for more_waits
 echo > $tmp/go
 wait $reader
-# The client has gone, and nbdkit closes its side just after: the
-# delete gives it a moment (control.c, wait_unused) instead of racing.
-nbdsnap -c $store delete b
+wait $deleter
 nbdsnap -c $store --json list > $tmp/list.json
 jq -e '[.checkpoints[].name] == ["a", "s1", "s2"]' $tmp/list.json
 
@@ -97,7 +104,7 @@ jq -e '.checkpoint.changed_blocks == 2' $tmp/s2.json
 
 # Restart: the same checkpoints answer the same.
 stop_nbdkit $nbdkit_pid
-start_nbdkit -P $tmp/nbdkit.pid -U $sock \
+start_nbdkit -P $tmp/nbdkit.pid -U $sock -v \
              --filter=$FILTER file $origin snapshot-store=$store
 nbdsnap -c $store --json info s2 > $tmp/s2b.json
 jq -e '.checkpoint.changed_blocks == 2' $tmp/s2b.json

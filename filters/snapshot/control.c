@@ -250,14 +250,22 @@ wait_unused (const char *name)
   const struct timespec step = { .tv_sec = 0, .tv_nsec = 5000000 };
 
   for (int waited = 0; waited < UNUSED_GRACE_MS; waited += 5) {
+    unsigned refs;
+
     {
       ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
       ssize_t i = manifest_find_checkpoint (&store.m, name);
 
-      if (i < 0 ||
-          __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST) == 0)
+      if (i < 0)
         return;
+      refs = __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST);
     }
+    if (refs == 0)
+      return;
+    if (waited == 0)
+      nbdkit_debug ("delete '%s': waiting up to %d ms for %u connection%s "
+                    "to close", name, UNUSED_GRACE_MS, refs,
+                    refs == 1 ? "" : "s");
     nanosleep (&step, NULL);
   }
 }
