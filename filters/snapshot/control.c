@@ -92,11 +92,8 @@ describe_checkpoint (struct jw *w, size_t i)
   jw_uint (w, MIN (changed * store.block_size, store.size));
   jw_key (w, "layer_bytes");
   jw_uint (w, snap ? store_layer_bytes (c->layer) : 0);
-  /* Open snap/ and dirty/ connections that use it: while there are
-   * any, it cannot be deleted.
-   */
   jw_key (w, "connections");
-  jw_uint (w, __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST));
+  jw_uint (w, store_connections (i));
 }
 
 static char *
@@ -258,7 +255,7 @@ wait_unused (const char *name)
 
       if (i < 0)
         return;
-      refs = __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST);
+      refs = store_connections (i);
     }
     if (refs == 0)
       return;

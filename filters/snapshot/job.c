@@ -1067,7 +1067,7 @@ job_start_delete (const char *name, int strategy, const char *output,
                 "to snapshots)", name);
     return 0;
   }
-  refs = __atomic_load_n (&store.maps[ci]->refs, __ATOMIC_SEQ_CST);
+  refs = store_connections (ci);
   if (refs > 0) {
     set_errmsg (errmsg, "snapshot '%s' is in use by %u connection%s "
                 "(snap/ or dirty/ exports): disconnect first", name, refs,

@@ -612,7 +612,7 @@ store_delete_checkpoint (const char *name, char **errmsg)
                 "(job_start_delete)", name);
     return -1;
   }
-  refs = __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST);
+  refs = store_connections (i);
   if (refs > 0) {
     set_errmsg (errmsg, "checkpoint '%s' is in use by %u connection%s "
                 "(a dirty/ export): disconnect first", name, refs,
@@ -631,4 +631,10 @@ store_layer_bytes (uint64_t id)
       return MIN (bytes, store.size);
     }
   return 0;
+}
+
+unsigned
+store_connections (size_t i)
+{
+  return __atomic_load_n (&store.maps[i]->refs, __ATOMIC_SEQ_CST);
 }

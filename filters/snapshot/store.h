@@ -211,6 +211,10 @@ extern int store_delete_checkpoint (const char *name, char **errmsg)
 
 /* Bytes held by layer id, or 0 (the store lock must be held). */
 extern uint64_t store_layer_bytes (uint64_t id);
+/* Open snap/ and dirty/ connections that use checkpoint i (store.lock
+ * held): while there are any, it cannot be deleted.
+ */
+extern unsigned store_connections (size_t i);
 
 /* Format a message into *errmsg (malloc'd; NULL if out of memory). */
 extern void set_errmsg (char **errmsg, const char *fs, ...)
