@@ -4,9 +4,11 @@
 # written (filters/snapshot/view.c, top_preallocate), and never
 # before: a single 4K write into a fresh 64K block takes 4K of disk,
 # and so do rewrites of that page; a second page takes the whole
-# block.  With 2M blocks the unit allocated is 64K, and with 4K blocks
-# nothing is allocated ahead.  The pages written before and
-# after the allocation are on disk as written (read back from the
+# block.  A second page in a block of a 1 MiB region that already
+# holds 8 pages takes the whole region, once; in a sparser region it
+# takes the block only.  With 2M blocks the unit allocated is 64K, and
+# with 4K blocks nothing is allocated ahead.  The pages written before
+# and after the allocation are on disk as written (read back from the
 # layer file with O_DIRECT after a flush), the view equals a reference
 # image changed the same way, and it still does after a restart.
 
@@ -30,6 +32,7 @@ sock=$tmp/nbd.sock
 REF=$tmp/ref.img
 export REF
 B=65536
+M=1048576
 
 make_origin $origin 4M
 cp $origin $REF
@@ -70,7 +73,8 @@ check(0, h.get_size())
 [ "$(allocated)" -eq "$one" ]
 
 # A second page of block 9, written in part (read-modify-write from
-# the origin): now block 9 is allocated whole.
+# the origin): now block 9 is allocated whole, and only block 9 (its
+# region, the first MiB, holds two pages: not dense).
 run "
 w(b'\x5a' * 700, 9 * $B + 11 * 4096 + 100)
 h.flush()
@@ -89,6 +93,38 @@ h.flush()
 check(0, h.get_size())
 "
 [ "$(allocated)" -le $(( two + 16384 )) ]
+filled=$(allocated)
+
+# The region at 3 MiB: one page in each of eight of its blocks takes
+# eight pages of disk ...
+run "
+for i in range(8):
+    w(bytes([0x60 + i]) * 4096, 3 * $M + i * $B + 4096)
+h.flush()
+check(0, h.get_size())
+"
+three=$(allocated)
+[ "$three" -ge $(( filled + 8 * 4096 )) ]
+[ "$three" -lt $(( filled + B )) ]
+# ... and a second page in one of them (a ninth page in a region
+# holding eight) takes the whole region.
+run "
+w(b'\x77' * 4096, 3 * $M + 2 * $B + 8 * 4096)
+h.flush()
+check(0, h.get_size())
+"
+four=$(allocated)
+[ "$four" -ge $(( three + M - 9 * 4096 )) ]
+[ "$four" -le $(( three + M + 16384 )) ]
+# The rest of the region fills in without allocating more: pages of
+# the blocks that had none, second pages of those that had one.
+run "
+aw([(bytes([0x80 + i]) * 4096, 3 * $M + i * $B + 12 * 4096)
+    for i in range(16)])
+h.flush()
+check(0, h.get_size())
+"
+[ "$(allocated)" -le $(( four + 16384 )) ]
 
 # On disk, the layer holds each page as the view reads it: the page
 # written before the allocation (5), the page written after it (11),
@@ -99,10 +135,13 @@ for page in 0 1 2 3 4 5 6 7 11 15; do
               status=none) \
         <(dd if=$REF iflag=skip_bytes bs=4096 skip=$off count=1 status=none)
 done
-cmp <(dd if=$layer iflag=direct,skip_bytes bs=4096 skip=$(( 3 * B )) \
-          count=1 status=none) \
-    <(dd if=$REF iflag=skip_bytes bs=4096 skip=$(( 3 * B )) count=1 \
-          status=none)
+for off in $(( 3 * B )) $(( 3 * M + 4096 )) $(( 3 * M + 7 * B + 4096 )) \
+           $(( 3 * M + 2 * B + 8 * 4096 )) $(( 3 * M + 15 * B + 12 * 4096 ))
+do
+    cmp <(dd if=$layer iflag=direct,skip_bytes bs=4096 skip=$off count=1 \
+              status=none) \
+        <(dd if=$REF iflag=skip_bytes bs=4096 skip=$off count=1 status=none)
+done
 
 # The pages of block 9 never written read from the origin.
 run "check(9 * $B, $B)"

@@ -98,6 +98,7 @@ layer_free (struct layer *l)
     close (l->map_fd);
   sbitmap_free (&l->map);
   pthread_mutex_destroy (&l->flush_lock);
+  free (l->regions);
   free (l);
 }
 

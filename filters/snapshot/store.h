@@ -72,6 +72,8 @@ struct layer {
   struct sbitmap map;           /* page bits */
   pthread_mutex_t flush_lock;   /* serialises layer_flush */
   unsigned data_dirty;          /* atomic: data written since last flush */
+  uint64_t *regions;            /* atomic: regions allocated whole (view.c,
+                                   top_preallocate); made on first use */
 };
 
 /* A checkpoint's dirty map (checkpoint.c). */

@@ -358,8 +358,24 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
  * (a rewrite of one page in place must not call fallocate each time).
  * So a layer grows by pages while its units are sparse, by whole units
  * once they are not, as a qcow2 image grows by clusters.
+ *
+ * Regions: when a unit gets its second page and the region
+ * (PREALLOC_REGION, 1 MiB) around it already holds PREALLOC_DENSE
+ * pages (32 KiB), the whole region is allocated instead, once.  Under
+ * writes spread over the volume, most units of a region then find
+ * their space allocated before their first page comes: one fallocate
+ * call per region instead of one per unit, and no page written into a
+ * hole.  That cut the machine's CPU time per random 4K write by about
+ * a quarter (docs/benchmarks.md, session 5).  A region is allocated
+ * only where a sixteenth of its units already hold pages and one holds
+ * two: at most 1 MiB of disk for 36 KiB written, where qcow2 with
+ * 2 MiB clusters allocates 2 MiB on the first write.  The regions
+ * allocated are remembered in memory only (a restart forgets them, and
+ * at worst asks again for space that is there).
  */
 #define PREALLOC_MAX (64 * 1024)
+#define PREALLOC_REGION (1024 * 1024)
+#define PREALLOC_DENSE 8
 
 static bool prealloc_unsupported;
 
@@ -369,17 +385,68 @@ prealloc_unit (void)
   return MIN ((uint64_t) store.block_size, (uint64_t) PREALLOC_MAX);
 }
 
+/* The newest layer's bit per region allocated whole, made on first
+ * use (concurrent writers race to install one; the loser frees its
+ * own).  NULL if out of memory: then regions are not used.
+ */
+static uint64_t *
+top_regions (struct layer *top)
+{
+  uint64_t *r = __atomic_load_n (&top->regions, __ATOMIC_ACQUIRE), *n;
+  const uint64_t nregions = (store.size + PREALLOC_REGION - 1) /
+    PREALLOC_REGION;
+
+  if (r)
+    return r;
+  n = calloc ((nregions + 63) / 64, sizeof *n);
+  if (n == NULL)
+    return NULL;
+  if (__atomic_compare_exchange_n (&top->regions, &r, n, false,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return n;
+  free (n);
+  return r;
+}
+
+/* The unit u is getting its second page: widen [*off, *end) to its
+ * region if the region is dense, or return false if the region was
+ * allocated whole already (nothing to do).
+ */
+static bool
+top_region (struct layer *top, uint64_t *off, uint64_t *end)
+{
+  const uint64_t r = *off / PREALLOC_REGION, bit = UINT64_C (1) << (r % 64);
+  const uint64_t roff = r * PREALLOC_REGION;
+  const uint64_t first = roff >> PAGE_SHIFT;
+  const uint64_t npg = MIN ((uint64_t) PREALLOC_REGION >> PAGE_SHIFT,
+                            store.npages - first);
+  uint64_t *regions;
+
+  if ((regions = top_regions (top)) == NULL)
+    return true;
+  if (__atomic_load_n (&regions[r / 64], __ATOMIC_RELAXED) & bit)
+    return false;
+  if (sbitmap_count_range (&top->map, first, npg) < PREALLOC_DENSE)
+    return true;
+  if (__atomic_fetch_or (&regions[r / 64], bit, __ATOMIC_RELAXED) & bit)
+    return false;               /* another writer got there first */
+  *off = roff;
+  *end = MIN (roff + PREALLOC_REGION, store.size);
+  return true;
+}
+
 static void
-top_preallocate_unit (const struct layer *top, uint64_t u, uint64_t pg,
+top_preallocate_unit (struct layer *top, uint64_t u, uint64_t pg,
                       uint64_t offset, uint64_t end)
 {
   const uint64_t us = prealloc_unit (), ppu = us >> PAGE_SHIFT;
-  const uint64_t uoff = u * us, uend = MIN (uoff + us, store.size);
   const uint64_t first = u * ppu;
+  uint64_t uoff = u * us, uend = MIN (uoff + us, store.size);
 
   if ((offset <= uoff && end >= uend) || sbitmap_test (&top->map, pg) ||
       sbitmap_count_range (&top->map, first,
-                           MIN (ppu, store.npages - first)) != 1)
+                           MIN (ppu, store.npages - first)) != 1 ||
+      !top_region (top, &uoff, &uend))
     return;
   if (fallocate (top->data_fd, FALLOC_FL_KEEP_SIZE, uoff, uend - uoff) == -1
       && errno == EOPNOTSUPP)
@@ -387,7 +454,7 @@ top_preallocate_unit (const struct layer *top, uint64_t u, uint64_t pg,
 }
 
 static void
-top_preallocate (const struct layer *top, uint64_t offset, uint64_t end)
+top_preallocate (struct layer *top, uint64_t offset, uint64_t end)
 {
   const uint64_t first = offset / prealloc_unit ();
   const uint64_t last = (end - 1) / prealloc_unit ();
