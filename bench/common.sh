@@ -1,0 +1,103 @@
+# nbdkit-snapshot benchmarks: shell functions shared by bench/run,
+# bench/merge and bench/cbt.  Sourced, not run.  The caller defines
+# say and die (messages with its own prefix) before using these.
+#
+# Timing: a command's time must not include the benchmark's own
+# processes.  Starting a process costs 5 to 10 ms on the machine the
+# figures in docs/benchmarks.md come from, and jq 30 ms, which is as
+# long as some of the merges measured.  So clocks are read from bash's
+# EPOCHREALTIME, CPU time from bash's own "time", and files are synced
+# by one sync(1) process.
+
+# now_us VAR: set VAR to the wall clock in microseconds.  secs_since
+# VAR T0 / ms_since VAR T0: set VAR to the seconds (3 decimals) or
+# milliseconds (2 decimals) since T0, a now_us value.  They set a
+# variable instead of printing, so that a caller needs no "$(...)"
+# (a subshell, forked inside the interval).
+now_us () { printf -v "$1" '%s' "${EPOCHREALTIME/./}"; }
+secs_since () {
+  local d=$((${EPOCHREALTIME/./} - $2))
+  printf -v "$1" '%d.%03d' $((d / 1000000)) $((d / 1000 % 1000))
+}
+ms_since () {
+  local d=$((${EPOCHREALTIME/./} - $2))
+  printf -v "$1" '%d.%02d' $((d / 1000)) $((d / 10 % 100))
+}
+
+# The median of V... (the mean of the middle two for an even count).
+median () {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 }
+         END { if (NR % 2) print v[(NR + 1) / 2];
+               else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# Run a command; sets c_cpu to its CPU seconds (user + system), from
+# bash's "time" (no GNU time process in between, no subshell).  The
+# command's stderr goes to the caller's; TIMEFILE is a scratch file.
+timed_cpu () {
+  local TIMEFORMAT='%U %S' u s rc=0
+  { time "$@" 2>&3 3>&- || rc=$?; } 3>&2 2>"$TIMEFILE"
+  read -r u s <"$TIMEFILE"
+  c_cpu="$(awk -v u="$u" -v s="$s" 'BEGIN { printf "%.2f", u + s }')"
+  return $rc
+}
+
+# sync(1), in one process, the regular files and directories named and
+# those in the directories named (not sockets: sync cannot open them).
+sync_files () {
+  local f g list=()
+  for f in "$@"; do
+    [ -f "$f" ] || [ -d "$f" ] || continue
+    list+=("$f")
+    [ -d "$f" ] || continue
+    for g in "$f"/* "$f"/.[!.]*; do
+      [ -f "$g" ] && list+=("$g")
+    done
+  done
+  [ "${#list[@]}" -eq 0 ] || sync "${list[@]}"
+}
+
+# Bytes read from disk so far, by every process (/proc/vmstat pgpgin,
+# in KiB): the difference over a run shows whether it read from the
+# page cache.
+disk_read_kib () { awk '$1 == "pgpgin" { print $2 }' /proc/vmstat; }
+
+# Read FILE... into the page cache (outside any timing): what a run
+# reads then comes from memory for every contender alike, not from
+# disk for whichever runs first after DAMON or another run evicted it.
+warm () {
+  local f
+  for f in "$@"; do
+    [ -f "$f" ] && cat "$f" >/dev/null
+  done
+  return 0
+}
+
+# BENCH_PAUSE_DAMON=1: stop the kernel's DAMON monitors for the run
+# (pause_damon), start them again at the end (resume_damon, from the
+# caller's exit trap).  paused_damon lists those stopped.
+paused_damon=()
+pause_damon () {
+  local k
+  for k in /sys/kernel/mm/damon/admin/kdamonds/[0-9]*; do
+    [ "$(cat "$k/state" 2>/dev/null)" = on ] || continue
+    echo off >"$k/state" ||
+      die "cannot stop DAMON ($k/state): BENCH_PAUSE_DAMON=1 needs root"
+    paused_damon+=("$k")
+    say "DAMON monitor ${k##*/} stopped for the run"
+  done
+}
+resume_damon () {
+  local k
+  for k in "${paused_damon[@]}"; do
+    echo on >"$k/state" || say "WARNING: could not start $k again"
+  done
+  paused_damon=()
+}
+# A line for the results file, if DAMON was stopped.
+damon_note () {
+  [ "${#paused_damon[@]}" -gt 0 ] || return 0
+  echo "- DAMON stopped during the run (BENCH_PAUSE_DAMON=1):" \
+       "kdamonds ${paused_damon[*]##*/}"
+}
