@@ -350,6 +350,13 @@ next_candidate (struct job *j, uint64_t p)
  * from 0.95 to 0.79 s, a 50% one from 0.58 to 0.46 s.  This changes only
  * when the data reaches the disk: what a crash may lose still rests on
  * the final job_sync alone.
+ *
+ * Into a layer, the job also starts write-back of each step as soon as
+ * it is copied (sync_file_range, SYNC_FILE_RANGE_WRITE, which does not
+ * wait), so that a job smaller than FLUSH_AHEAD_BYTES overlaps too: a
+ * 95% stream of 1 GiB (51 MiB copied) took 0.095 s instead of 0.103 s
+ * (medians of 6 interleaved runs, docs/benchmarks.md, session 5), its
+ * final fdatasync 32 ms instead of 68 ms.
  */
 #define FLUSH_AHEAD_BYTES (UINT64_C (64) << 20)
 
@@ -541,6 +548,13 @@ job_copy (struct job *j, struct flusher *f)
     }
     if (ret == -1)
       return -1;
+    /* A layer: start writing back what this step copied right away
+     * (asynchronous; errors are the final sync's to report).
+     */
+    if (f && f->l)
+      sync_file_range (f->fd, p << PAGE_SHIFT,
+                       MIN (e << PAGE_SHIFT, store.size) - (p << PAGE_SHIFT),
+                       SYNC_FILE_RANGE_WRITE);
     p = e;
     if (f) {
       uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
