@@ -157,6 +157,12 @@ done
 expect_error "'b1' is a bitmap-only checkpoint: it keeps no data to revert to" \
              revert b1
 
+# --wait belongs to the commands that start jobs.
+for c in "create w9" "info s1" "list" "jobs" "wait"; do
+    expect_error "--wait is an option of delete and revert only" $c --wait
+done
+expect_error "--to is an option of backup only" delete s1 --wait --to x
+
 # Unknown jobs.
 expect_error "nbdsnap: cancel: no running job 999999" cancel 999999
 expect_error "'abc' is not a job id" cancel abc
@@ -206,6 +212,33 @@ expect_error "no running job $job" cancel $job
 [ "$(checkpoints)" = "$list0" ] || fail "a cancelled delete changed the list"
 verify s1 s2 s3
 cmp $origin $tmp/origin0.img || fail "the origin changed"
+
+# delete --wait follows its job to the end: cancelled, that is an
+# error, with nothing on stdout.
+nbdsnap -c $store delete s1 --strategy=stream --wait --progress=2 \
+        > $tmp/wait.out 2> $tmp/wait.err &
+waiter=$!
+one_running () {
+    nbdsnap -c $store --json jobs |
+        jq -e '[.jobs[] | select(.state == "running")] | length == 1'
+}
+wait_for one_running
+job=$(nbdsnap -c $store --json jobs |
+          jq '.jobs[] | select(.state == "running") | .id')
+# It is waiting (its first progress line is out) when the job is
+# cancelled.
+wait_for grep -qE "^[0-9]+/100" $tmp/wait.err
+nbdsnap -c $store cancel $job
+status=0
+wait $waiter || status=$?
+cat $tmp/wait.out $tmp/wait.err
+[ $status -eq 1 ] || fail "delete --wait of a cancelled job: exit $status"
+grep -F "nbdsnap: delete: job $job cancelled" $tmp/wait.err
+! grep -q "^100/100" $tmp/wait.err
+[ ! -s $tmp/wait.out ] || fail "delete --wait printed to stdout on error"
+[ "$(job_state $job)" = cancelled ]
+[ "$(checkpoints)" = "$list0" ] || fail "a cancelled delete changed the list"
+verify s1 s2 s3
 
 # A revert cannot be cancelled, and no snapshot is taken during it.
 nbdsnap -c $store --json revert s3 > $tmp/reply.json

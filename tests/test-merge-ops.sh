@@ -185,13 +185,25 @@ job_done ()
 }
 
 # delete NAME OPTIONS...: start deleting NAME, check the reply, and
-# wait for the job.  Sets strategy (as the reply said).
+# wait for the job.  Sets strategy (as the reply said).  Every other
+# call waits with delete --wait, whose one JSON object is the job as
+# it ended.
+ndeletes=0
 delete ()
 {
     local name=$1 id
     shift
-    nbdsnap -c $store --json delete $name "$@" > $tmp/reply.json
-    cat $tmp/reply.json
+    ndeletes=$((ndeletes + 1))
+    if [ $((ndeletes % 2)) -eq 0 ]; then
+        nbdsnap -c $store --json delete $name "$@" --wait > $tmp/reply.json
+        cat $tmp/reply.json
+        [ "$(wc -l < $tmp/reply.json)" -eq 1 ]
+        jq -e '.job.state == "done" and
+               .job.bytes_done == .job.bytes_total' $tmp/reply.json
+    else
+        nbdsnap -c $store --json delete $name "$@" > $tmp/reply.json
+        cat $tmp/reply.json
+    fi
     jq -e --arg n $name '.job.kind == "delete" and .job.name == $n and
                          (.job.strategy == "commit" or
                           .job.strategy == "stream") and
@@ -345,4 +357,20 @@ nbdsnap -c $store --json info s3 |
     jq -e '.checkpoint.kind == "bitmap" and .checkpoint.export == null'
 dirty_blocks dirty/s5 | cmp - $tmp/got-blocks ||
     fail "dirty/s5 changed across the restart"
+nbdsnap -c $store --json jobs | jq -e 'all(.jobs[]; .state != "running")'
+
+# delete --wait for humans: the plan, then the job's last line.
+nbdsnap -c $store delete s5 --wait > $tmp/out
+cat $tmp/out
+grep "^deleting snapshot 's5' by " $tmp/out
+grep -E "^job [0-9]+: delete s5 by (commit|stream): done" $tmp/out
+[ "$(checkpoints)" = "s2:snapshot s3:bitmap" ]
+[ "$(export_md5 $sock)" = "$(md5 $REF)" ] || fail "live changed by delete s5"
+# revert --wait: done when it returns, and the volume is s2.
+nbdsnap -c $store --json revert s2 --wait > $tmp/reply.json
+cat $tmp/reply.json
+jq -e '.job.kind == "revert" and .job.name == "s2" and .job.state == "done"' \
+   $tmp/reply.json
+[ "$(export_md5 $sock)" = "$(md5 $tmp/s2.img)" ] ||
+    fail "the live volume is not s2 after revert --wait"
 nbdsnap -c $store --json jobs | jq -e 'all(.jobs[]; .state != "running")'

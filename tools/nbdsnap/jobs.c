@@ -1,5 +1,6 @@
 /* nbdsnap: commands that start and follow background jobs: delete (of
- * snapshots: a merge), revert, jobs, wait and cancel.
+ * snapshots: a merge), revert, jobs, wait and cancel.  delete and
+ * revert --wait start the job, then wait for it as "wait JOB" does.
  *
  * "wait" sends the server a "wait" request for one job it waits for,
  * which returns as soon as that job ends, or after WAIT_BAR_MS (with a
@@ -32,6 +33,11 @@
 const char *delete_strategy = NULL;
 const char *delete_output = NULL;
 bool delete_keep_bitmap = false;
+bool job_wait = false;
+
+static int start_job (const struct command *cmd, struct jw *req, FILE *out,
+                      int (*print) (const struct command *cmd,
+                                    const struct json *reply, FILE *out));
 
 /* Print one job for humans. */
 static void
@@ -152,14 +158,22 @@ run_delete (const struct command *cmd, char **operands, FILE *out)
     jw_bool (&req, true);
   }
   jw_end_object (&req);
-  return control_print (cmd, &req, out, print_deleted);
+  return start_job (cmd, &req, out, print_deleted);
 }
 
 int
-print_job_started (const struct command *cmd, const struct json *reply,
-                   FILE *out)
+run_revert (const struct command *cmd, char **operands, FILE *out)
 {
-  return print_job_reply (cmd, reply, out);
+  struct jw req;
+
+  jw_init (&req);
+  jw_begin_object (&req);
+  jw_key (&req, "cmd");
+  jw_string (&req, "revert");
+  jw_key (&req, "name");
+  jw_string (&req, operands[0]);
+  jw_end_object (&req);
+  return start_job (cmd, &req, out, print_job_reply);
 }
 
 int
@@ -297,6 +311,77 @@ is_running (const struct json *j)
   return state && strcmp (state, "running") == 0;
 }
 
+/* Wait until none of the jobs ids[0..nids) is running, drawing the
+ * progress bar.  *reply is the last job list asked for (*list in it);
+ * the caller frees it.  Return 0, or -1 after an error message (and
+ * with *reply freed).  *last_pct is the last percentage drawn, or -1.
+ */
+static int
+wait_for_jobs (const struct command *cmd, const int64_t *ids, size_t nids,
+               struct json **reply, const struct json **list, bool bar,
+               int *last_pct)
+{
+  for (;;) {
+    int64_t done = 0, total = 0, running_id = 0;
+    bool running = false;
+
+    for (size_t k = 0; k < nids; ++k) {
+      const struct json *j = find_job (*list, ids[k]);
+      int64_t d = 0, t = 0;
+      if (j && is_running (j)) {
+        running = true;
+        running_id = ids[k];
+        json_get_int (j, "bytes_done", &d);
+        json_get_int (j, "bytes_total", &t);
+        done += d;
+        total += t;
+      }
+    }
+    if (!running)
+      return 0;
+    if (bar) {
+      int pct = total > 0 ? (int) (done * 100 / total) : 0;
+      if (pct != *last_pct)
+        draw_bar (pct, false);
+      *last_pct = pct;
+    }
+    json_free (*reply);
+    *reply = NULL;
+    if (wait_for_job (cmd, running_id, bar ? WAIT_BAR_MS : WAIT_QUIET_MS)
+        == -1)
+      return -1;
+    *reply = get_jobs (cmd, list);
+    if (*reply == NULL)
+      return -1;
+  }
+}
+
+/* A job that ended other than done is an error: say so on stderr,
+ * with its line (stdout is dropped on error).  Return 0 or -1.
+ */
+static int
+job_outcome (const struct command *cmd, int64_t id, const struct json *j)
+{
+  const char *state = json_get_string (j, "state");
+
+  if (state && strcmp (state, "done") == 0)
+    return 0;
+  snap_error ("%s: job %" PRIi64 " %s", cmd->name, id,
+              state ? state : "ended oddly");
+  print_job (stderr, j);
+  return -1;
+}
+
+/* End the progress bar: complete on success, else a new line. */
+static void
+end_bar (bool bar, int ret, int last_pct)
+{
+  if (bar && ret == 0)
+    draw_bar (100, true);
+  else if (bar && progress_fd < 0 && last_pct >= 0)
+    fputc ('\n', stderr);
+}
+
 int
 run_wait (const struct command *cmd, char **operands, FILE *out)
 {
@@ -333,42 +418,10 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
       if (is_running (list->items[i]))
         json_get_int (list->items[i], "id", &ids[nids++]);
 
-  for (;;) {
-    int64_t done = 0, total = 0, running_id = 0;
-    bool running = false;
+  if (wait_for_jobs (cmd, ids, nids, &reply, &list, bar, &last_pct) == -1)
+    return -1;
 
-    for (size_t k = 0; k < nids; ++k) {
-      const struct json *j = find_job (list, ids[k]);
-      int64_t d = 0, t = 0;
-      if (j && is_running (j)) {
-        running = true;
-        running_id = ids[k];
-        json_get_int (j, "bytes_done", &d);
-        json_get_int (j, "bytes_total", &t);
-        done += d;
-        total += t;
-      }
-    }
-    if (!running)
-      break;
-    if (bar) {
-      int pct = total > 0 ? (int) (done * 100 / total) : 0;
-      if (pct != last_pct)
-        draw_bar (pct, false);
-      last_pct = pct;
-    }
-    json_free (reply);
-    if (wait_for_job (cmd, running_id, bar ? WAIT_BAR_MS : WAIT_QUIET_MS)
-        == -1)
-      return -1;
-    reply = get_jobs (cmd, &list);
-    if (reply == NULL)
-      return -1;
-  }
-
-  /* Report each job; one that failed or was cancelled is an error,
-   * reported on stderr with its line (stdout is dropped on error).
-   */
+  /* Report each job; one that failed or was cancelled is an error. */
   if (json_output) {
     jw_init (&w);
     jw_begin_object (&w);
@@ -377,7 +430,6 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
   }
   for (size_t k = 0; k < nids; ++k) {
     const struct json *j = find_job (list, ids[k]);
-    const char *state = j ? json_get_string (j, "state") : NULL;
 
     if (j == NULL)
       continue;                 /* gone from the history: long done */
@@ -385,12 +437,8 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
       write_json_value (&w, j);
     else
       print_job (out, j);
-    if (state == NULL || strcmp (state, "done") != 0) {
-      snap_error ("%s: job %" PRIi64 " %s", cmd->name, ids[k],
-                  state ? state : "ended oddly");
-      print_job (stderr, j);
+    if (job_outcome (cmd, ids[k], j) == -1)
       ret = -1;
-    }
   }
   if (json_output) {
     CLEANUP_FREE char *text = NULL;
@@ -402,10 +450,74 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
   }
   if (nids == 0 && !json_output)
     fprintf (out, "no jobs running\n");
-  if (bar && ret == 0)
-    draw_bar (100, true);
-  else if (bar && progress_fd < 0 && last_pct >= 0)
-    fputc ('\n', stderr);
+  end_bar (bar, ret, last_pct);
   json_free (reply);
   return ret;
+}
+
+/* Send the request that starts a job (delete, revert) and print the
+ * reply with print (or as JSON).  With --wait, then wait for the job:
+ * humans get the reply, the progress bar and the job's last line; JSON
+ * gets one object, {"job":{...}}, the job as it ended.  A reply without
+ * a job (deleting a bitmap-only checkpoint) has nothing to wait for.
+ */
+static int
+start_job (const struct command *cmd, struct jw *req, FILE *out,
+           int (*print) (const struct command *cmd,
+                         const struct json *reply, FILE *out))
+{
+  const bool bar = progress_fd >= 0 || progress_bar || isatty (2);
+  struct json *reply = control_request (cmd, req), *jobs;
+  const struct json *list, *j;
+  int64_t id;
+  int last_pct = -1, r;
+
+  if (reply == NULL)
+    return -1;
+  if (!job_wait || (j = json_get (reply, "job")) == NULL ||
+      !json_get_int (j, "id", &id)) {
+    r = json_output ? print_json_reply (cmd, reply, out)
+      : print (cmd, reply, out);
+    json_free (reply);
+    return r;
+  }
+  r = json_output ? 0 : print (cmd, reply, out);
+  json_free (reply);
+  if (r == -1)
+    return -1;
+
+  jobs = get_jobs (cmd, &list);
+  if (jobs == NULL ||
+      wait_for_jobs (cmd, &id, 1, &jobs, &list, bar, &last_pct) == -1) {
+    snap_error ("%s: job %" PRIi64 " was started, but could not be waited "
+                "for (see 'nbdsnap jobs')", cmd->name, id);
+    return -1;
+  }
+  j = find_job (list, id);
+  if (j == NULL) {
+    snap_error ("%s: job %" PRIi64 " is gone from the job list", cmd->name,
+                id);
+    r = -1;
+  }
+  else {
+    if (json_output) {
+      struct jw w;
+      CLEANUP_FREE char *text = NULL;
+
+      jw_init (&w);
+      jw_begin_object (&w);
+      jw_key (&w, "job");
+      write_json_value (&w, j);
+      jw_end_object (&w);
+      text = jw_finish (&w);
+      if (text)
+        fprintf (out, "%s\n", text);
+    }
+    else
+      print_job (out, j);
+    r = job_outcome (cmd, id, j);
+  }
+  end_bar (bar, r, last_pct);
+  json_free (jobs);
+  return r;
 }

@@ -41,14 +41,15 @@ static const struct command commands[] = {
     .run = run_control, .print = print_create },
   { .name = "delete", .operands = "NAME",
     .options = "[--strategy=auto|commit|stream] [--output=FILE] "
-               "[--keep-bitmap]",
+               "[--keep-bitmap] [--wait [--progress[=FD]]]",
     .min_operands = 1, .max_operands = 1, .name_operand = true,
     .description = "delete checkpoint NAME (a snapshot: merge its data)",
     .run = run_delete },
   { .name = "revert", .operands = "NAME",
+    .options = "[--wait [--progress[=FD]]]",
     .min_operands = 1, .max_operands = 1, .name_operand = true,
     .description = "make the live volume snapshot NAME",
-    .run = run_control, .print = print_job_started },
+    .run = run_revert },
   { .name = "jobs", .operands = "",
     .min_operands = 0, .max_operands = 0,
     .description = "list background jobs",
@@ -83,6 +84,7 @@ enum {
   SHORT_OPTIONS,
   SINCE_OPTION,
   TO_OPTION,
+  WAIT_OPTION,
 };
 
 static const char short_options[] = "c:V";
@@ -101,6 +103,7 @@ static const struct option long_options[] = {
   { "since",         required_argument, NULL, SINCE_OPTION },
   { "to",            required_argument, NULL, TO_OPTION },
   { "version",       no_argument,       NULL, 'V' },
+  { "wait",          no_argument,       NULL, WAIT_OPTION },
   { NULL }
 };
 
@@ -154,6 +157,10 @@ usage (FILE *fp, int exit_code)
 "  --help            print this help and exit\n"
 "  -V, --version     print the version and exit\n"
 "\n"
+"Options of delete and revert:\n"
+"  --wait            wait for the job they start to end, as wait JOB\n"
+"                    does (with --progress[=FD] as wait has it)\n"
+"\n"
 "Options of backup (which does not use the control socket):\n"
 "  --to FILE         the file to write (required)\n"
 "  --since CHECKPOINT\n"
@@ -185,7 +192,7 @@ command_usage (const struct command *cmd, const char *fs, ...)
   snap_verror (fs, args);
   va_end (args);
   fprintf (stderr, "Usage: nbdsnap %s[--json] %s%s%s%s%s\n",
-           cmd->run == run_control ? "[-c SOCKET|STORE-DIR] " : "",
+           cmd->run != run_backup ? "[-c SOCKET|STORE-DIR] " : "",
            cmd->name, cmd->operands[0] ? " " : "", cmd->operands,
            cmd->options ? " " : "", cmd->options ? cmd->options : "");
   exit (EXIT_FAILURE);
@@ -291,6 +298,9 @@ main (int argc, char *argv[])
       delete_strategy = optarg;
       delete_option = "--strategy";
       break;
+    case WAIT_OPTION:
+      job_wait = true;
+      break;
     case TO_OPTION:
       backup_to = optarg;
       backup_option = "--to";
@@ -349,11 +359,14 @@ main (int argc, char *argv[])
     command_usage (cmd, "%s: unexpected operand '%s'",
                    cmd->name, operands[cmd->max_operands]);
 
+  if (job_wait && cmd->run != run_delete && cmd->run != run_revert)
+    command_usage (cmd, "%s: --wait is an option of delete and revert only",
+                   cmd->name);
   if (cmd->run == run_backup) {
     if (backup_to == NULL)
       command_usage (cmd, "%s: missing --to FILE", cmd->name);
   }
-  else if (cmd->run == run_wait) {
+  else if (cmd->run == run_wait || job_wait) {
     if (backup_to || backup_since || backup_requests != 16)
       command_usage (cmd, "%s: %s is an option of backup only",
                      cmd->name, backup_option);

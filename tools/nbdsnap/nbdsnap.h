@@ -84,16 +84,17 @@ extern int run_backup (const struct command *cmd, char **operands,
                        FILE *out);
 
 /* jobs.c */
-/* Run functions of delete, cancel and wait; print functions of revert
- * (a started job) and jobs.
+extern bool job_wait;           /* delete, revert --wait */
+/* Run functions of delete, revert, cancel and wait; print function of
+ * jobs.
  */
 extern int run_delete (const struct command *cmd, char **operands,
+                       FILE *out);
+extern int run_revert (const struct command *cmd, char **operands,
                        FILE *out);
 extern int run_cancel (const struct command *cmd, char **operands,
                        FILE *out);
 extern int run_wait (const struct command *cmd, char **operands, FILE *out);
-extern int print_job_started (const struct command *cmd,
-                              const struct json *reply, FILE *out);
 extern int print_jobs (const struct command *cmd, const struct json *reply,
                        FILE *out);
 
