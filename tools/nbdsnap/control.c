@@ -256,20 +256,26 @@ run_control (const struct command *cmd, char **operands, FILE *out)
 {
   struct jw req;
 
-  jw_init (&req);
-  jw_begin_object (&req);
-  jw_key (&req, "cmd");
-  jw_string (&req, cmd->name);
+  plain_request (&req, cmd, operands);
+  return control_print (cmd, &req, out, cmd->print);
+}
+
+void
+plain_request (struct jw *req, const struct command *cmd, char **operands)
+{
+  jw_init (req);
+  jw_begin_object (req);
+  jw_key (req, "cmd");
+  jw_string (req, cmd->name);
   if (cmd->name_operand) {
-    jw_key (&req, "name");
-    jw_string (&req, operands[0]);
+    jw_key (req, "name");
+    jw_string (req, operands[0]);
   }
   if (bitmap_only) {
-    jw_key (&req, "bitmap_only");
-    jw_bool (&req, true);
+    jw_key (req, "bitmap_only");
+    jw_bool (req, true);
   }
-  jw_end_object (&req);
-  return control_print (cmd, &req, out, cmd->print);
+  jw_end_object (req);
 }
 
 int

@@ -166,13 +166,7 @@ run_revert (const struct command *cmd, char **operands, FILE *out)
 {
   struct jw req;
 
-  jw_init (&req);
-  jw_begin_object (&req);
-  jw_key (&req, "cmd");
-  jw_string (&req, "revert");
-  jw_key (&req, "name");
-  jw_string (&req, operands[0]);
-  jw_end_object (&req);
+  plain_request (&req, cmd, operands);
   return start_job (cmd, &req, out, print_job_reply);
 }
 

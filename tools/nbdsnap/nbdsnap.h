@@ -54,6 +54,9 @@ struct command {
  */
 extern int run_control (const struct command *cmd, char **operands,
                         FILE *out);
+/* Build that request, {"cmd":NAME[,"name":OPERAND0]}, in *req. */
+extern void plain_request (struct jw *req, const struct command *cmd,
+                           char **operands);
 /* The socket path chosen by -c or $NBDSNAP_CONTROL (a store directory
  * means DIR/control.sock), malloc'd; NULL after printing an error.
  */
