@@ -365,13 +365,14 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
  * writes spread over the volume, most units of a region then find
  * their space allocated before their first page comes: one fallocate
  * call per region instead of one per unit, and no page written into a
- * hole.  That cut the machine's CPU time per random 4K write by about
- * a quarter (docs/benchmarks.md, session 5).  A region is allocated
- * only where a sixteenth of its units already hold pages and one holds
- * two: at most 1 MiB of disk for 36 KiB written, where qcow2 with
- * 2 MiB clusters allocates 2 MiB on the first write.  The regions
- * allocated are remembered in memory only (a restart forgets them, and
- * at worst asks again for space that is there).
+ * hole.  Random 4K writes after a snapshot ran about 12% faster
+ * (median of 6 interleaved pairs of runs, docs/benchmarks.md, session
+ * 5).  A region is allocated only where it already holds 8 pages and a
+ * unit in it gets its second: at most 1 MiB of disk for 36 KiB
+ * written, where qcow2 with 2 MiB clusters allocates 2 MiB on the first
+ * write.  The regions allocated are remembered in memory only (a
+ * restart forgets them, and at worst asks again for space that is
+ * there).
  */
 #define PREALLOC_MAX (64 * 1024)
 #define PREALLOC_REGION (1024 * 1024)
