@@ -409,9 +409,11 @@ top_regions (struct layer *top)
   return r;
 }
 
-/* The unit u is getting its second page: widen [*off, *end) to its
- * region if the region is dense, or return false if the region was
- * allocated whole already (nothing to do).
+/* The unit [*off, *end) is getting its second page: widen the range
+ * to the unit's region if the region is dense, or return false if the
+ * region was allocated whole already (nothing to do).  The region is
+ * marked before it is allocated; if that fails (a full disk), its
+ * units are not asked for again either.
  */
 static bool
 top_region (struct layer *top, uint64_t *off, uint64_t *end)
