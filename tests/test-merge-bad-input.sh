@@ -162,6 +162,8 @@ for c in "create w9" "info s1" "list" "jobs" "wait"; do
     expect_error "--wait is an option of delete and revert only" $c --wait
 done
 expect_error "--to is an option of backup only" delete s1 --wait --to x
+expect_error "--progress is an option of backup, wait, and delete or revert with --wait" \
+             delete s1 --progress
 
 # Unknown jobs.
 expect_error "nbdsnap: cancel: no running job 999999" cancel 999999

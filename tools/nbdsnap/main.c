@@ -371,6 +371,9 @@ main (int argc, char *argv[])
       command_usage (cmd, "%s: %s is an option of backup only",
                      cmd->name, backup_option);
   }
+  else if (backup_option && strcmp (backup_option, "--progress") == 0)
+    command_usage (cmd, "%s: --progress is an option of backup, wait, "
+                   "and delete or revert with --wait", cmd->name);
   else if (backup_option)
     command_usage (cmd, "%s: %s is an option of backup only",
                    cmd->name, backup_option);

@@ -119,9 +119,13 @@ expect 1 nbdsnap backup a b --to "$tmp/f"
 grep -Fx "nbdsnap: backup: unexpected operand 'b'" "$err"
 test ! -s "$out"
 
-for opt in --to=x --since=s1 --progress --progress=2 --requests=2; do
+for opt in --to=x --since=s1 --requests=2; do
     expect 1 nbdsnap -c "$tmp/x.sock" list $opt
     expect_error_line "nbdsnap: list: ${opt%%=*} is an option of backup only"
+done
+for opt in --progress --progress=2; do
+    expect 1 nbdsnap -c "$tmp/x.sock" list $opt
+    expect_error_line "nbdsnap: list: --progress is an option of backup, wait, and delete or revert with --wait"
 done
 
 for n in 0 65 -1 x 1x ''; do
