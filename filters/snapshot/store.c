@@ -98,7 +98,7 @@ layer_free (struct layer *l)
     close (l->map_fd);
   sbitmap_free (&l->map);
   pthread_mutex_destroy (&l->flush_lock);
-  free (l->regions);
+  sbitmap_free (&l->regions);
   free (l);
 }
 
@@ -114,6 +114,12 @@ layer_alloc (uint64_t id)
   l->id = id;
   l->data_fd = l->map_fd = -1;
   pthread_mutex_init (&l->flush_lock, NULL);
+  if (sbitmap_init (&l->regions, (store.size + LAYER_REGION_BYTES - 1) /
+                    LAYER_REGION_BYTES) == -1) {
+    nbdkit_error ("sbitmap_init: %m");
+    layer_free (l);
+    return NULL;
+  }
   return l;
 }
 

@@ -72,9 +72,12 @@ struct layer {
   struct sbitmap map;           /* page bits */
   pthread_mutex_t flush_lock;   /* serialises layer_flush */
   unsigned data_dirty;          /* atomic: data written since last flush */
-  uint64_t *regions;            /* atomic: regions allocated whole (view.c,
-                                   top_preallocate); made on first use */
+  struct sbitmap regions;       /* regions of LAYER_REGION_BYTES allocated
+                                   whole (view.c, top_region) */
 };
+
+/* The region a layer's data file is allocated ahead by (view.c). */
+#define LAYER_REGION_BYTES (1024 * 1024)
 
 /* A checkpoint's dirty map (checkpoint.c). */
 struct ckpt_map {

@@ -375,7 +375,7 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
  * there).
  */
 #define PREALLOC_MAX (64 * 1024)
-#define PREALLOC_REGION (1024 * 1024)
+#define PREALLOC_REGION LAYER_REGION_BYTES
 #define PREALLOC_DENSE 8
 
 static bool prealloc_unsupported;
@@ -384,29 +384,6 @@ static uint64_t
 prealloc_unit (void)
 {
   return MIN ((uint64_t) store.block_size, (uint64_t) PREALLOC_MAX);
-}
-
-/* The newest layer's bit per region allocated whole, made on first
- * use (concurrent writers race to install one; the loser frees its
- * own).  NULL if out of memory: then regions are not used.
- */
-static uint64_t *
-top_regions (struct layer *top)
-{
-  uint64_t *r = __atomic_load_n (&top->regions, __ATOMIC_ACQUIRE), *n;
-  const uint64_t nregions = (store.size + PREALLOC_REGION - 1) /
-    PREALLOC_REGION;
-
-  if (r)
-    return r;
-  n = calloc ((nregions + 63) / 64, sizeof *n);
-  if (n == NULL)
-    return NULL;
-  if (__atomic_compare_exchange_n (&top->regions, &r, n, false,
-                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-    return n;
-  free (n);
-  return r;
 }
 
 /* The unit [*off, *end) is getting its second page: widen the range
@@ -418,21 +395,21 @@ top_regions (struct layer *top)
 static bool
 top_region (struct layer *top, uint64_t *off, uint64_t *end)
 {
-  const uint64_t r = *off / PREALLOC_REGION, bit = UINT64_C (1) << (r % 64);
-  const uint64_t roff = r * PREALLOC_REGION;
+  const uint64_t r = *off / PREALLOC_REGION, roff = r * PREALLOC_REGION;
   const uint64_t first = roff >> PAGE_SHIFT;
   const uint64_t npg = MIN ((uint64_t) PREALLOC_REGION >> PAGE_SHIFT,
                             store.npages - first);
-  uint64_t *regions;
+  int was;
 
-  if ((regions = top_regions (top)) == NULL)
-    return true;
-  if (__atomic_load_n (&regions[r / 64], __ATOMIC_RELAXED) & bit)
+  if (sbitmap_test (&top->regions, r))
     return false;
   if (sbitmap_count_range (&top->map, first, npg) < PREALLOC_DENSE)
     return true;
-  if (__atomic_fetch_or (&regions[r / 64], bit, __ATOMIC_RELAXED) & bit)
+  was = sbitmap_set (&top->regions, r);
+  if (was == 1)
     return false;               /* another writer got there first */
+  if (was == -1)
+    return true;                /* no memory for the bit: the unit only */
   *off = roff;
   *end = MIN (roff + PREALLOC_REGION, store.size);
   return true;

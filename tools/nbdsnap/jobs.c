@@ -366,6 +366,13 @@ job_outcome (const struct command *cmd, int64_t id, const struct json *j)
   return -1;
 }
 
+/* Draw a progress bar: on a terminal, or as asked (--progress[=FD]). */
+static bool
+want_bar (void)
+{
+  return progress_fd >= 0 || progress_bar || isatty (2);
+}
+
 /* End the progress bar: complete on success, else a new line. */
 static void
 end_bar (bool bar, int ret, int last_pct)
@@ -379,7 +386,7 @@ end_bar (bool bar, int ret, int last_pct)
 int
 run_wait (const struct command *cmd, char **operands, FILE *out)
 {
-  const bool bar = progress_fd >= 0 || progress_bar || isatty (2);
+  const bool bar = want_bar ();
   CLEANUP_FREE int64_t *ids = NULL;
   size_t nids = 0;
   int last_pct = -1, ret = 0;
@@ -460,7 +467,7 @@ start_job (const struct command *cmd, struct jw *req, FILE *out,
            int (*print) (const struct command *cmd,
                          const struct json *reply, FILE *out))
 {
-  const bool bar = progress_fd >= 0 || progress_bar || isatty (2);
+  const bool bar = want_bar ();
   struct json *reply = control_request (cmd, req), *jobs;
   const struct json *list, *j;
   int64_t id;
