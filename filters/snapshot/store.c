@@ -209,15 +209,27 @@ layer_create (uint64_t id)
 int
 layer_flush (struct layer *l)
 {
+  return layer_flush_fd (l, l->data_fd);
+}
+
+int
+layer_flush_fd (struct layer *l, int fd)
+{
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&l->flush_lock);
   struct mapfile_batch batch = { 0 };
+  const bool own = fd == l->data_fd;
   unsigned data_dirty;
   int r = -1;
 
   /* Order matters: clear the data flag and take the map pages first,
-   * then sync the data they describe, then write the map pages.
+   * then sync the data they describe, then write the map pages.  The
+   * flag is l->data_fd's own: another descriptor's sync leaves it set,
+   * so that the next flush through l->data_fd still syncs and reports
+   * a failed write-back to its caller.
    */
-  data_dirty = __atomic_exchange_n (&l->data_dirty, 0, __ATOMIC_SEQ_CST);
+  data_dirty = own
+    ? __atomic_exchange_n (&l->data_dirty, 0, __ATOMIC_SEQ_CST)
+    : __atomic_load_n (&l->data_dirty, __ATOMIC_SEQ_CST);
   if (mapfile_collect (&l->map, &batch) == -1)
     goto out;
   /* The dirty bits of the writes behind these pages were set before
@@ -225,36 +237,37 @@ layer_flush (struct layer *l)
    */
   if (batch.n > 0 && ckpt_persist_active () == -1)
     goto out;
-  if ((data_dirty || batch.n > 0) && fdatasync (l->data_fd) == -1)
+  if ((data_dirty || batch.n > 0) && fdatasync (fd) == -1)
     goto out;
   if (batch.n > 0) {
     /* A frozen layer gains pages only from a merge job; its map file
      * is opened just for the write.
      */
-    int fd = l->map_fd;
-    if (fd == -1) {
+    int mfd = l->map_fd;
+    if (mfd == -1) {
       CLEANUP_FREE char *path = layer_path (l->id, "map");
-      fd = path ? open (path, O_RDWR | O_CLOEXEC) : -1;
-      if (fd == -1)
+      mfd = path ? open (path, O_RDWR | O_CLOEXEC) : -1;
+      if (mfd == -1)
         goto out;
     }
-    if (mapfile_write (fd, &batch) == -1) {
-      if (fd != l->map_fd) {
+    if (mapfile_write (mfd, &batch) == -1) {
+      if (mfd != l->map_fd) {
         int e = errno;
-        close (fd);
+        close (mfd);
         errno = e;
       }
       goto out;
     }
-    if (fd != l->map_fd)
-      close (fd);
+    if (mfd != l->map_fd)
+      close (mfd);
   }
   r = 0;
  out:
   if (r == -1) {
     int e = errno;
     mapfile_batch_restore (&l->map, &batch);
-    __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+    if (own)
+      __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
     errno = e;
   }
   mapfile_batch_free (&batch);

@@ -198,6 +198,14 @@ extern void layer_free (struct layer *l);
 extern int layer_flush (struct layer *l)
   __attribute__ ((__nonnull__ (1)));
 
+/* The same with the data synced through fd, another descriptor of l's
+ * data file (a merge job's flusher): an error that sync reports is then
+ * not taken from the next flush through l->data_fd.  Caller holds
+ * store.lock (shared).
+ */
+extern int layer_flush_fd (struct layer *l, int fd)
+  __attribute__ ((__nonnull__ (1)));
+
 /* Take checkpoint name now: a snapshot, or with bitmap_only a
  * bitmap-only checkpoint.  flush_origin is called when the origin is
  * the live volume.  Return the index of the new checkpoint in
