@@ -27,8 +27,7 @@ bs=65536
 
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock \
-                 --filter=$FILTER file $origin snapshot-store=$store
+    start_store
 }
 
 cat > $tmp/writer.py <<'EOF'

@@ -29,9 +29,7 @@ region=$((64 * 1024 * 1024))
 
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock \
-                 -D snapshot.intent_clear_ms=0 \
-                 --filter=$FILTER file $origin snapshot-store=$store
+    start_store -D snapshot.intent_clear_ms=0
 }
 
 # write_blocks B...: write 4 KiB of fresh data into each block B (no

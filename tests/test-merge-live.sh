@@ -31,8 +31,7 @@ sock=$tmp/nbd.sock
 
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=40000 \
-                 --filter=$FILTER file $origin snapshot-store=$store
+    start_store -D snapshot.job_delay=40000
 }
 
 # The client: CLIENT_SEED, CLIENT_OPS operations, starting from the

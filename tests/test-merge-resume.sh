@@ -22,9 +22,7 @@ sock=$tmp/nbd.sock
 
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock \
-                 -D snapshot.job_delay=30000 \
-                 --filter=$FILTER file $origin snapshot-store=$store
+    start_store -D snapshot.job_delay=30000
 }
 
 job_field ()

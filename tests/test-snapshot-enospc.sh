@@ -27,8 +27,7 @@ cleanup_fn umount -l $mnt
 make_origin $origin 32M
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock \
-                 --filter=$FILTER file $origin snapshot-store=$store
+    start_store
 }
 start
 nbdsnap -c $store create s1
