@@ -273,9 +273,14 @@ copy_run (struct job *j, uint64_t p, uint64_t q)
   return layer_put (store.layers[j->upper], job_buf, p, q);
 }
 
-/* One step: copy every wanted page of [p, e) in runs. */
+struct flusher;
+static void flusher_note (struct flusher *f, uint64_t off, uint64_t len);
+
+/* One step: copy every wanted page of [p, e) in runs, noting each with
+ * the flusher f of a layer, if any.
+ */
 static int
-job_step (struct job *j, uint64_t p, uint64_t e)
+job_step (struct job *j, struct flusher *f, uint64_t p, uint64_t e)
 {
   bool (*want) (struct job *, uint64_t) =
     j->kind == JOB_REVERT ? want_revert
@@ -291,6 +296,8 @@ job_step (struct job *j, uint64_t p, uint64_t e)
     if (q > p) {
       if (copy_run (j, p, q) == -1)
         return -1;
+      if (f)
+        flusher_note (f, run_off (p), run_len (p, q));
       __atomic_add_fetch (&j->bytes_done, run_len (p, q), __ATOMIC_SEQ_CST);
     }
     p = q;
@@ -367,6 +374,11 @@ next_candidate (struct job *j, uint64_t p)
  */
 #define FLUSH_AHEAD_BYTES (UINT64_C (64) << 20)
 
+/* A byte range of the layer that a job wrote. */
+struct run {
+  uint64_t off, len;
+};
+
 struct flusher {
   struct layer *l;              /* the layer to sync, or NULL: the origin */
   int fd;                       /* the flusher's own descriptor of l's data */
@@ -376,7 +388,8 @@ struct flusher {
   bool kicked;                  /* a sync was asked for since the last */
   uint64_t upto;                /* bytes before this offset are copied */
   uint64_t started;             /* write-back is started up to here */
-  uint64_t dropped;             /* the cache is dropped up to here */
+  struct run *runs;             /* what the job wrote since the last sync */
+  size_t nruns, cap;
   bool stop;
   int err;                      /* errno of the first failed sync, or 0 */
 };
@@ -400,12 +413,29 @@ flusher_sync (struct flusher *f)
   return 0;
 }
 
+/* What the job wrote, once on disk, may leave the page cache: a merge
+ * passes over data no client asked for, and the freed pages serve the
+ * rest of the copy: on a VM that hands free memory back to its host,
+ * writing into pages just freed costs far less than into new ones
+ * (docs/benchmarks.md, session 3).  Only the runs the job wrote: the
+ * rest of the layer is the clients' data, and may be what they read.
+ * (Clean pages only: a client's dirty ones stay.)
+ */
+static void
+flusher_drop (struct flusher *f, const struct run *runs, size_t n)
+{
+  for (size_t i = 0; i < n; ++i)
+    posix_fadvise (f->fd, runs[i].off, runs[i].len, POSIX_FADV_DONTNEED);
+}
+
 static void *
 flusher_main (void *arg)
 {
   struct flusher *f = arg;
 
   for (;;) {
+    CLEANUP_FREE struct run *runs = NULL;
+    size_t nruns = 0;
     uint64_t upto;
     bool kicked;
 
@@ -418,6 +448,13 @@ flusher_main (void *arg)
       kicked = f->kicked;
       f->kicked = false;
       upto = f->upto;
+      if (kicked) {
+        /* Written before this sync starts, so covered by it. */
+        runs = f->runs;
+        nruns = f->nruns;
+        f->runs = NULL;
+        f->nruns = f->cap = 0;
+      }
     }
     /* A layer: start writing back what was copied since the last time
      * (asynchronous; errors are the syncs' to report).
@@ -437,18 +474,8 @@ flusher_main (void *arg)
       if (f->err == 0)
         f->err = errno ? errno : EIO;
     }
-    else if (f->l && upto > f->dropped) {
-      /* What the job wrote below upto is on disk now: let the page
-       * cache drop it (clean pages only; a client's dirty ones stay).
-       * A merge passes over data no client asked for, and the freed
-       * pages serve the rest of the copy: on a VM that hands free
-       * memory back to its host, writing into pages just freed costs
-       * far less than into new ones (docs/benchmarks.md, session 3).
-       */
-      posix_fadvise (f->fd, f->dropped, upto - f->dropped,
-                     POSIX_FADV_DONTNEED);
-      f->dropped = upto;
-    }
+    else
+      flusher_drop (f, runs, nruns);
   }
 }
 
@@ -486,7 +513,9 @@ flusher_start (struct flusher *f, struct job *j)
   pthread_cond_init (&f->cond, NULL);
   f->kicked = f->stop = false;
   f->err = 0;
-  f->upto = f->started = f->dropped = 0;
+  f->upto = f->started = 0;
+  f->runs = NULL;
+  f->nruns = f->cap = 0;
   e = pthread_create (&f->thread, NULL, flusher_main, f);
   if (e != 0) {
     nbdkit_debug ("snapshot: job flusher not started: %s", strerror (e));
@@ -511,6 +540,31 @@ flusher_kick (struct flusher *f, uint64_t upto, bool sync)
   pthread_cond_signal (&f->cond);
 }
 
+/* The job wrote [off, off+len) of the layer (merged with the last run
+ * when they touch).  Without memory the run is not noted, and stays
+ * cached: only a hint is lost.
+ */
+static void
+flusher_note (struct flusher *f, uint64_t off, uint64_t len)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
+  struct run *last = f->nruns > 0 ? &f->runs[f->nruns - 1] : NULL;
+
+  if (last && last->off + last->len == off) {
+    last->len += len;
+    return;
+  }
+  if (f->nruns == f->cap) {
+    size_t cap = f->cap ? 2 * f->cap : 256;
+    struct run *r = realloc (f->runs, cap * sizeof *r);
+    if (r == NULL)
+      return;
+    f->runs = r;
+    f->cap = cap;
+  }
+  f->runs[f->nruns++] = (struct run) { .off = off, .len = len };
+}
+
 /* Stop and join the flusher; its first error (errno), or 0. */
 static int
 flusher_stop (struct flusher *f)
@@ -524,6 +578,7 @@ flusher_stop (struct flusher *f)
   }
   pthread_join (f->thread, NULL);
   err = f->err;
+  free (f->runs);
   pthread_cond_destroy (&f->cond);
   pthread_mutex_destroy (&f->lock);
   if (f->fd >= 0)
@@ -563,7 +618,7 @@ job_copy (struct job *j, struct flusher *f)
     {
       ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
       rangelock_acquire (&store.pages, &r, p, e - 1);
-      ret = job_step (j, p, e);
+      ret = job_step (j, f && f->l ? f : NULL, p, e);
       rangelock_release (&store.pages, &r);
       if (ret == 0 && !f && (since_sync += e - p) >= SYNC_EVERY_PAGES) {
         ret = job_sync (j);
