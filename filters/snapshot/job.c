@@ -359,8 +359,8 @@ next_candidate (struct job *j, uint64_t p)
  * lose still rests on the final job_sync alone.  A layer's sync also
  * writes its map (layer_flush_fd), which records the job's progress:
  * the job thread then needs no periodic sync of its own, which stalled
- * the copy while the disk caught up (1.3 s of a 2.7 s stream of 2 GiB,
- * session 6).
+ * the copy while the disk caught up (its fdatasync calls, the final one
+ * included, took 1.3 s of a 2.65 s stream of 2 GiB, session 6).
  *
  * Into a layer, the flusher also starts write-back of each step as soon
  * as it is copied (sync_file_range, SYNC_FILE_RANGE_WRITE), so that a
@@ -368,9 +368,9 @@ next_candidate (struct job *j, uint64_t p)
  * 1 GiB (51 MiB copied) took 0.095 s instead of 0.103 s (medians of 6
  * interleaved runs, docs/benchmarks.md, session 5), its final fdatasync
  * 32 ms instead of 68 ms.  That call is not free: it submits the I/O
- * and waits for room in the disk's queue (362 us a call, 1.4 s of a
- * 3 s stream of 2 GiB, strace -w, session 6), so the job thread only
- * reports how far it has copied and goes on copying.
+ * and waits for room in the disk's queue (362 us a call, 1.4 s in all
+ * of a stream of 2 GiB under strace -w, session 6), so the job thread
+ * only reports how far it has copied and goes on copying.
  */
 #define FLUSH_AHEAD_BYTES (UINT64_C (64) << 20)
 
