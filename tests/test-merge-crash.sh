@@ -48,15 +48,10 @@ verify ()
     verify_views $sock $tmp/live.img "$@"
 }
 
-job_field ()
-{
-    nbdsnap -c $store --json jobs | jq -r ".jobs[-1].$1"
-}
-
 done_at_least ()
 {
-    [ "$(job_field state)" != running ] ||
-        [ "$(job_field bytes_done)" -ge "$1" ]
+    [ "$(last_job_field state)" != running ] ||
+        [ "$(last_job_field bytes_done)" -ge "$1" ]
 }
 
 # crash_round SEED NBDSNAP-ARGS...: start the job, kill -9 at a random
@@ -66,7 +61,7 @@ crash_round ()
     local seed=$1 total pct
     shift
     nbdsnap -c $store "$@"
-    total=$(job_field bytes_total)
+    total=$(last_job_field bytes_total)
     pct=$(( 10 + seed % 80 ))
     echo "kill -9 once $pct% of $total bytes are done: $*"
     wait_for done_at_least $(( total * pct / 100 ))

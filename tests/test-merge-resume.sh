@@ -25,11 +25,6 @@ start ()
     start_store -D snapshot.job_delay=30000
 }
 
-job_field ()
-{
-    nbdsnap -c $store --json jobs | jq -r ".jobs[-1].$1"
-}
-
 make_origin $origin 160M
 start
 nbdsnap -c $store create s1
@@ -47,29 +42,29 @@ map=$(ls $store/layer-*.map)
 cp $map $tmp/map.before
 
 nbdsnap -c $store delete s1 --strategy=stream
-total=$(job_field bytes_total)
+total=$(last_job_field bytes_total)
 [ "$total" -ge $(( 150 << 20 )) ] ||
     fail "the stream should copy about 160 MiB, plans $total bytes"
 
 # Kill once the job's progress has reached the map file on disk.
 map_changed () { ! cmp -s $map $tmp/map.before; }
 wait_for map_changed
-[ "$(job_field state)" = running ] ||
+[ "$(last_job_field state)" = running ] ||
     fail "the job ended before the kill: slow it down further"
-done_bytes=$(job_field bytes_done)
+done_bytes=$(last_job_field bytes_done)
 echo "killing with $done_bytes of $total bytes done"
 stop_nbdkit $nbdkit_pid KILL
 grep -q '^job ' $store/manifest
 
 start
 verify_views $sock $tmp/live.img
-left=$(job_field bytes_total)
+left=$(last_job_field bytes_total)
 echo "resumed with $left of $total bytes left"
-[ "$(job_field resumed)" = true ] || fail "the job did not resume"
+[ "$(last_job_field resumed)" = true ] || fail "the job did not resume"
 [ "$left" -le $(( total - (64 << 20) )) ] ||
     fail "the resumed job copies $left bytes again: its progress was lost"
 
 nbdsnap -c $store wait
-[ "$(job_field state)" = done ] || fail "the resumed job did not finish"
+[ "$(last_job_field state)" = done ] || fail "the resumed job did not finish"
 grep -q '^origin retired$' $store/manifest
 verify_views $sock $tmp/live.img
