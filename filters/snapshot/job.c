@@ -529,7 +529,9 @@ flusher_start (struct flusher *f, struct job *j)
 }
 
 /* The job has copied everything before offset upto; sync is true to
- * ask for a sync as well.
+ * ask for a sync as well.  The flusher is woken only if it has work:
+ * a sync, or write-back to start in a layer (not after every step of a
+ * commit into the origin).
  */
 static void
 flusher_kick (struct flusher *f, uint64_t upto, bool sync)
@@ -537,7 +539,8 @@ flusher_kick (struct flusher *f, uint64_t upto, bool sync)
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&f->lock);
   f->kicked |= sync;
   f->upto = upto;
-  pthread_cond_signal (&f->cond);
+  if (sync || f->l)
+    pthread_cond_signal (&f->cond);
 }
 
 /* The job wrote [off, off+len) of the layer (merged with the last run
