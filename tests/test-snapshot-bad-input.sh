@@ -98,6 +98,14 @@ good_params snapshot-store=$tmp/bs-4k snapshot-block-size=4K
 good_params snapshot-store=$tmp/bs-2m snapshot-block-size=2M
 good_params snapshot-store=$tmp/bs-64k snapshot-block-size=65536
 
+# Job rate: bytes per second, 0 for no limit.
+for v in abc -1M 64Q ""; do
+    bad_params snapshot-job-rate \
+               snapshot-store=$tmp/rate-store snapshot-job-rate="$v"
+done
+good_params snapshot-store=$tmp/rate-0 snapshot-job-rate=0
+good_params snapshot-store=$tmp/rate-1g snapshot-job-rate=1G
+
 # Control socket.
 bad_params snapshot-control snapshot-store=$tmp/ctl-store snapshot-control=
 bad_params $tmp/nosuchdir/ctl.sock \

@@ -413,6 +413,9 @@ describe_job (struct jw *w, const struct job *j)
   jw_double (w, secs);
   jw_key (w, "rate_bytes_per_second");
   jw_uint (w, (uint64_t) rate);
+  jw_key (w, "paced");
+  jw_bool (w, j->state == JOB_STATE_RUNNING &&
+           __atomic_load_n (&j->paced, __ATOMIC_RELAXED));
   jw_key (w, "eta_seconds");
   if (j->state == JOB_STATE_RUNNING && rate > 0 && j->bytes_total >= done)
     jw_double (w, (j->bytes_total - done) / rate);

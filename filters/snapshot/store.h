@@ -115,6 +115,8 @@ struct job {
   char *error;                  /* failed: why */
   bool cancel, shutdown;        /* atomic requests to stop */
   bool resumed;                 /* resumed after a restart */
+  bool paced;                   /* atomic: held to snapshot-job-rate
+                                   because clients are busy */
   size_t upper;                 /* delete: layer indexes of the plan; */
   ssize_t lower;                /* lower < 0 means the origin */
 };
@@ -158,6 +160,14 @@ extern const char *store_param;
 extern const char *control_param;
 extern const char *create_param;
 extern uint32_t block_size_param;     /* 0 = not given */
+/* snapshot-job-rate: bytes per second a background job may copy while
+ * clients are doing I/O (0 = no limit).
+ */
+extern uint64_t job_rate_param;
+/* Client requests served so far (any export); a job reads it to tell
+ * whether clients are busy.  Updated with relaxed atomics.
+ */
+extern uint64_t client_requests;
 extern int snapshot_debug_verbose;
 extern int snapshot_debug_job_delay;
 extern int snapshot_debug_intent_clear_ms;

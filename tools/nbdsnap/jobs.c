@@ -51,6 +51,7 @@ print_job (FILE *out, const struct json *j)
   const char *error = json_get_string (j, "error");
   const struct json *eta = json_get (j, "eta_seconds");
   char h1[32], h2[32], h3[32];
+  bool paced;
 
   json_get_int (j, "id", &id);
   json_get_int (j, "bytes_done", &done);
@@ -65,6 +66,8 @@ print_job (FILE *out, const struct json *j)
   if (eta && eta->type == JSON_NUMBER && state &&
       strcmp (state, "running") == 0)
     fprintf (out, ", %.0f s left", eta->number);
+  if (json_get_bool (j, "paced", &paced) && paced)
+    fprintf (out, ", held to snapshot-job-rate while clients are busy");
   if (error)
     fprintf (out, ": %s", error);
   fputc ('\n', out);
