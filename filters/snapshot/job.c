@@ -668,7 +668,10 @@ pace_step (struct job *j, struct pace *pc, uint64_t bytes)
   }
   while (now < due && !job_stopping (j)) {
     int64_t ns = MIN (due - now, PACE_SLICE_NS);
-    struct timespec ts = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
+    struct timespec ts = {
+      .tv_sec = ns / 1000000000,
+      .tv_nsec = ns % 1000000000,
+    };
 
     nanosleep (&ts, NULL);
     now = now_ns ();
@@ -681,11 +684,11 @@ pace_step (struct job *j, struct pace *pc, uint64_t bytes)
 static int
 job_copy (struct job *j, struct flusher *f)
 {
-  uint64_t p = 0, since_sync = 0, kicked_at = 0, done = 0;
+  uint64_t p = 0, since_sync = 0, kicked_at = 0;
+  uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
   struct pace pc;
 
   pace_init (&pc);
-  done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
   while (p < store.npages) {
     uint64_t e;
     struct range r;
@@ -754,6 +757,8 @@ job_scan (struct job *j)
 
   r = job_copy (j, flushing ? &f : NULL);
   err = errno;
+  /* The final sync is not held back. */
+  __atomic_store_n (&j->paced, false, __ATOMIC_RELAXED);
   if (flushing) {
     int ferr = flusher_stop (&f);
     if (r == 0 && ferr != 0) {
