@@ -146,7 +146,20 @@ qemu-img compare -f raw -F raw $out $tmp/b-auto/expected.img
 start $tmp/b-auto
 [ "$(export_md5 $tmp/b-auto/nbd.sock)" = "$sum_b" ] ||
     fail "95%: after a restart the live volume is not the image"
+# A later merge that drops FILE's layer from the store (a stream of
+# the next snapshot copies into the newer layer) deletes the store's
+# symlink, never FILE or its data.
+link=$(find $tmp/b-auto/store -maxdepth 1 -type l -lname $out)
+[ -n "$link" ] || fail "no symlink to $out in the store"
+nbdsnap -c $tmp/b-auto/store create s2
+nbdsh -u "$(nbd_uri $tmp/b-auto/nbd.sock)" \
+      -c 'h.pwrite(b"\x5a" * 65536, 0); h.flush()'
+nbdsnap -c $tmp/b-auto/store delete s2 --strategy=stream --wait
+wait_for test ! -L $link
 stop_nbdkit $nbdkit_pid
+[ -f $out ] && [ ! -L $out ] || fail "$out is gone after its layer was dropped"
+[ "$(md5 $out)" = "$sum_b" ] ||
+    fail "$out changed when the store dropped its layer"
 
 setup $tmp/b-commit 95
 merge $tmp/b-commit --strategy=commit

@@ -843,8 +843,13 @@ delete_gently (char **paths, size_t n)
 
     if (paths[i] == NULL)
       continue;
-    fd = open (paths[i], O_WRONLY | O_CLOEXEC);
-    if (fd >= 0 && fstat (fd, &st) == 0) {
+    /* Only the store's own file: not through a symlink (a layer given
+     * its --output name is one, to the user's image), nor an inode
+     * with another name.
+     */
+    fd = open (paths[i], O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0 && fstat (fd, &st) == 0 && S_ISREG (st.st_mode) &&
+        st.st_nlink == 1) {
       off_t size = st.st_size;
       struct pace pc;
 
