@@ -1145,6 +1145,20 @@ job_plan (struct job *j)
   return 0;
 }
 
+/* Wait for the job thread, if any, to end; it may still be deleting
+ * a dropped layer's files, which job_hurry makes it finish at once.
+ */
+static void
+join_job_thread (void)
+{
+  if (!job_thread_running)
+    return;
+  __atomic_store_n (&job_hurry, true, __ATOMIC_SEQ_CST);
+  pthread_join (job_thread, NULL);
+  __atomic_store_n (&job_hurry, false, __ATOMIC_SEQ_CST);
+  job_thread_running = false;
+}
+
 static int
 job_spawn (struct job *j)
 {
@@ -1152,12 +1166,7 @@ job_spawn (struct job *j)
 
   j->state = JOB_STATE_RUNNING;
   j->started_ns = now_ns ();
-  if (job_thread_running) {
-    __atomic_store_n (&job_hurry, true, __ATOMIC_SEQ_CST);
-    pthread_join (job_thread, NULL);
-    __atomic_store_n (&job_hurry, false, __ATOMIC_SEQ_CST);
-    job_thread_running = false;
-  }
+  join_job_thread ();
   store.job = j;
   err = pthread_create (&job_thread, NULL, job_main, j);
   if (err) {
@@ -1503,12 +1512,7 @@ job_stop (void)
     if (store.job)
       __atomic_store_n (&store.job->shutdown, true, __ATOMIC_SEQ_CST);
   }
-  if (job_thread_running) {
-    __atomic_store_n (&job_hurry, true, __ATOMIC_SEQ_CST);
-    pthread_join (job_thread, NULL);
-    __atomic_store_n (&job_hurry, false, __ATOMIC_SEQ_CST);
-    job_thread_running = false;
-  }
+  join_job_thread ();
   for (size_t i = 0; i < nhistory; ++i)
     free (history[i].error);
   nhistory = 0;
