@@ -818,12 +818,69 @@ control_thread (void *arg)
   return NULL;
 }
 
+/* Make path free for our socket.  Nothing there: fine.  A socket that
+ * nobody listens on was left by a server that was killed: remove it.
+ * Anything else (a live socket, a file, a directory) is not ours to
+ * remove: refuse, saying why.  what names the parameter for messages.
+ */
+static int
+claim_socket_path (const char *what, const char *path)
+{
+  struct sockaddr_un addr = { .sun_family = AF_UNIX };
+  struct stat st;
+  int fd, r, e;
+
+  if (lstat (path, &st) == -1) {
+    if (errno == ENOENT)
+      return 0;
+    nbdkit_error ("%s=%s: %m", what, path);
+    return -1;
+  }
+  if (S_ISLNK (st.st_mode) && strcmp (what, "snapshot-store") == 0) {
+    /* The store's link to a socket elsewhere (below): ours. */
+    if (unlink (path) == -1) {
+      nbdkit_error ("%s: %m", path);
+      return -1;
+    }
+    return 0;
+  }
+  if (!S_ISSOCK (st.st_mode)) {
+    nbdkit_error ("%s=%s: the path exists and is not a socket: it is left "
+                  "alone (remove it, or choose another path)", what, path);
+    return -1;
+  }
+  strcpy (addr.sun_path, path);
+  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd == -1) {
+    nbdkit_error ("socket: %m");
+    return -1;
+  }
+  r = connect (fd, (struct sockaddr *) &addr, sizeof addr);
+  e = errno;
+  close (fd);
+  if (r == 0 || e == EAGAIN || e == EINPROGRESS) {
+    nbdkit_error ("%s=%s: the socket is in use: another process is "
+                  "listening on it (another nbdkit?)", what, path);
+    return -1;
+  }
+  if (e != ECONNREFUSED) {
+    errno = e;
+    nbdkit_error ("%s=%s: connect: %m", what, path);
+    return -1;
+  }
+  /* Stale: nobody listens. */
+  if (unlink (path) == -1 && errno != ENOENT) {
+    nbdkit_error ("%s=%s: removing the stale socket: %m", what, path);
+    return -1;
+  }
+  return 0;
+}
+
 int
-control_start (const char *path)
+control_listen (const char *path)
 {
   struct sockaddr_un addr = { .sun_family = AF_UNIX };
   CLEANUP_FREE char *link = NULL;
-  int err;
 
   if (asprintf (&link, "%s/control.sock", store.dir) == -1) {
     nbdkit_error ("asprintf: %m");
@@ -839,26 +896,42 @@ control_start (const char *path)
     return -1;
   }
   strcpy (addr.sun_path, path);
-  socket_path = strdup (path);
+  if (claim_socket_path (path == link ? "snapshot-store" : "snapshot-control",
+                         path) == -1 ||
+      (path != link && claim_socket_path ("snapshot-store", link) == -1))
+    return -1;
 
-  /* We hold the store lock, so a socket left at this path is stale. */
-  unlink (path);
   listen_fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (listen_fd == -1 ||
-      bind (listen_fd, (struct sockaddr *) &addr, sizeof addr) == -1 ||
-      chmod (path, 0600) == -1 ||
-      listen (listen_fd, 16) == -1) {
+      bind (listen_fd, (struct sockaddr *) &addr, sizeof addr) == -1) {
+    nbdkit_error ("snapshot-control=%s: %m", path);
+    return -1;
+  }
+  socket_path = strdup (path);
+  if (socket_path == NULL) {
+    nbdkit_error ("strdup: %m");
+    return -1;
+  }
+  if (chmod (path, 0600) == -1 || listen (listen_fd, 64) == -1) {
     nbdkit_error ("snapshot-control=%s: %m", path);
     return -1;
   }
   if (path != link) {
     CLEANUP_FREE char *abs = realpath (path, NULL);
-    unlink (link);
     if (abs == NULL || symlink (abs, link) == -1) {
       nbdkit_error ("%s: cannot link to the control socket: %m", link);
       return -1;
     }
   }
+  nbdkit_debug ("snapshot: control socket %s", path);
+  return 0;
+}
+
+int
+control_start (void)
+{
+  int err;
+
   /* The job thread may write to job_pipe until it is joined, after
    * control_stop: the pipe stays open for the life of the process.
    */
@@ -877,7 +950,6 @@ control_start (const char *path)
     return -1;
   }
   thread_running = true;
-  nbdkit_debug ("snapshot: control socket %s", path);
   return 0;
 }
 

@@ -191,7 +191,13 @@ snapshot_get_ready (int thread_model)
                   create_param, create_param);
     return -1;
   }
-  return 0;
+  /* nbdkit writes its pid file and starts its --run command after this
+   * and before .after_fork: the control socket must accept connections
+   * by then.  Requests wait in its backlog until .after_fork has opened
+   * the store and started the control thread (descriptors and the
+   * store's flock survive the fork, threads do not).
+   */
+  return control_listen (control_param);
 }
 
 /* nbdkit 1.32 does not tell filters about -r, and the background
@@ -278,8 +284,24 @@ flush_origin_bg (void)
   return 0;
 }
 
+static int open_store (nbdkit_backend *backend);
+
 static int
 snapshot_after_fork (nbdkit_backend *backend)
+{
+  if (open_store (backend) == -1 || control_start () == -1) {
+    /* nbdkit exits without calling .cleanup: leave no socket behind. */
+    control_stop ();
+    return -1;
+  }
+  return 0;
+}
+
+/* Open the background context on the origin, then the store; resume
+ * an interrupted job and take snapshot-create.
+ */
+static int
+open_store (nbdkit_backend *backend)
 {
   int64_t size;
   char *errmsg;
@@ -326,7 +348,7 @@ snapshot_after_fork (nbdkit_backend *backend)
       return -1;
     }
   }
-  return control_start (control_param);
+  return 0;
 }
 
 static void

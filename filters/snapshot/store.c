@@ -540,13 +540,16 @@ store_create_checkpoint (const char *name, bool bitmap_only,
   }
 
   /* Everything acknowledged so far belongs before the checkpoint: make
-   * the frozen view (for a snapshot) and the active map durable first.
+   * the live volume and the active map durable first.  A bitmap-only
+   * checkpoint is a point in time too: a write it counts as older must
+   * not vanish in a crash, or the blocks changed since it would not
+   * include the block that then reads as it was before.
    */
-  if (!bitmap_only && store.nlayers == 0 && flush_origin () == -1) {
+  if (store.nlayers == 0 && flush_origin () == -1) {
     set_errmsg (errmsg, "flushing the origin failed: %s", strerror (errno));
     return -1;
   }
-  if (!bitmap_only && store.nlayers > 0 &&
+  if (store.nlayers > 0 &&
       layer_flush (store.layers[store.nlayers - 1]) == -1) {
     set_errmsg (errmsg, "flushing layer %" PRIu64 ": %s",
                 store.layers[store.nlayers - 1]->id, strerror (errno));

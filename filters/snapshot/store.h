@@ -359,7 +359,12 @@ extern int top_trim (uint32_t count, uint64_t offset, uint32_t flags,
                      int *err);
 
 /* ---- control.c ---- */
-extern int control_start (const char *path);
+/* Bind and listen on the control socket (before nbdkit forks), then
+ * serve it from a thread of its own (after).  control_stop stops both
+ * and removes the socket.  Return 0, or -1 after nbdkit_error.
+ */
+extern int control_listen (const char *path);
+extern int control_start (void);
 extern void control_stop (void);
 /* Wake the control thread: a job ended ("wait" requests). */
 extern void control_job_ended (void);
