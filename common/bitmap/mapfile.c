@@ -215,7 +215,7 @@ mapfile_create (const char *path, uint32_t kind,
     return -1;
   }
 
-  fd = open (path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  fd = open (path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd == -1) {
     snap_error ("%s: create: %m", path);
     return -1;

@@ -15,6 +15,8 @@
 
 static const char *mode_names[] = { "row", "cbw" };
 
+static bool manifest_has_layer (const struct manifest *m, uint64_t id);
+
 char *
 manifest_format (const struct manifest *m, size_t *len)
 {
@@ -52,6 +54,13 @@ manifest_format (const struct manifest *m, size_t *len)
              m->job.keep_bitmap, m->job.output[0] ? m->job.output : "-");
   else if (m->job.kind == JOB_REVERT)
     fprintf (fp, "job %" PRIu64 " revert %s\n", m->job.id, m->job.name);
+  for (size_t i = 0; i < m->ndrops; ++i)
+    fprintf (fp, "drop %" PRIu64 "\n", m->drops[i]);
+  if (m->has_sample)
+    fprintf (fp, "origin-sample 0x%016" PRIx64 "\n", m->origin_sample);
+  if (m->has_origin_file)
+    fprintf (fp, "origin-file dev=%" PRIu64 " ino=%" PRIu64 "\n",
+             m->origin_dev, m->origin_ino);
   if (fflush (fp) == EOF) {
     fclose (fp);
     free (buf);
@@ -231,6 +240,28 @@ manifest_parse (const char *where, const char *text, size_t len,
       m->origin_retired = true;
       continue;
     }
+    if (strcmp (key, "origin-file") == 0) {
+      int end = -1;
+      if (sscanf (line, "origin-file dev=%" SCNu64 " ino=%" SCNu64 "%n",
+                  &m->origin_dev, &m->origin_ino, &end) != 2 ||
+          end < 0 || line[end] != '\0') {
+        snap_error ("%s: line %d: bad origin-file line", where, lineno);
+        goto err;
+      }
+      m->has_origin_file = true;
+      continue;
+    }
+    if (strcmp (key, "origin-sample") == 0) {
+      char *end;
+      errno = 0;
+      m->origin_sample = strtoull (arg, &end, 16);
+      if (n != 2 || strncmp (arg, "0x", 2) != 0 || errno || *end) {
+        snap_error ("%s: line %d: bad origin-sample line", where, lineno);
+        goto err;
+      }
+      m->has_sample = true;
+      continue;
+    }
 
     if (n != 2) {
       snap_error ("%s: line %d: expected 'KEY VALUE'", where, lineno);
@@ -267,6 +298,13 @@ manifest_parse (const char *where, const char *text, size_t len,
       m->size = v, seen |= K_SIZE;
     else if (strcmp (key, "next-id") == 0)
       m->next_id = v, seen |= K_NEXT;
+    else if (strcmp (key, "drop") == 0) {
+      if (v == 0 || manifest_add_drop (m, v) == -1) {
+        snap_error ("%s: line %d: %s", where, lineno,
+                    v == 0 ? "bad drop line" : strerror (errno));
+        goto err;
+      }
+    }
     else if (strcmp (key, "layer") == 0) {
       if (v == 0 || (m->nlayers > 0 && v <= m->layers[m->nlayers - 1])) {
         snap_error ("%s: line %d: layer ids must increase", where, lineno);
@@ -314,7 +352,46 @@ manifest_parse (const char *where, const char *text, size_t len,
       goto err;
     }
     last_layer = c->layer;
+    if (!manifest_has_layer (m, c->layer)) {
+      snap_error ("%s: snapshot '%s' names layer %" PRIu64 ", which the "
+                  "manifest does not list (the store is damaged)",
+                  where, c->name, c->layer);
+      goto err;
+    }
+    for (size_t k = 0; k < i; ++k)
+      if (m->ckpts[k].kind == CKPT_SNAPSHOT && m->ckpts[k].layer == c->layer) {
+        snap_error ("%s: snapshots '%s' and '%s' both name layer %" PRIu64
+                    " (the store is damaged)", where, m->ckpts[k].name,
+                    c->name, c->layer);
+        goto err;
+      }
   }
+  for (size_t i = 0; i < m->nckpts; ++i) {
+    const struct manifest_checkpoint *c = &m->ckpts[i];
+    bool dup = manifest_has_layer (m, c->map);
+    for (size_t k = 0; k < i; ++k)
+      dup |= m->ckpts[k].map == c->map;
+    if (dup) {
+      snap_error ("%s: checkpoint '%s' names map %" PRIu64 ", which is "
+                  "used twice (the store is damaged)", where, c->name, c->map);
+      goto err;
+    }
+  }
+  if (m->job.kind != JOB_NONE) {
+    ssize_t ci = manifest_find_checkpoint (m, m->job.name);
+    if (ci < 0 || m->ckpts[ci].kind != CKPT_SNAPSHOT) {
+      snap_error ("%s: job %" PRIu64 " names '%s', which is not a snapshot "
+                  "(the store is damaged)", where, m->job.id, m->job.name);
+      goto err;
+    }
+  }
+  for (size_t i = 0; i < m->ndrops; ++i)
+    if (m->drops[i] >= m->next_id || manifest_uses (m, m->drops[i])) {
+      snap_error ("%s: drop %" PRIu64 " names an id %s (the store is "
+                  "damaged)", where, m->drops[i],
+                  m->drops[i] >= m->next_id ? "not below next-id" : "in use");
+      goto err;
+    }
   return 0;
 
  err:
@@ -365,12 +442,22 @@ manifest_save (const char *dir, struct manifest *m)
   CLEANUP_FREE char *text = NULL;
   size_t len;
 
+  int r;
+
   m->generation++;
   text = manifest_format (m, &len);
-  if (text == NULL || write_file_atomic (dir, MANIFEST_NAME, text, len) == -1) {
+  r = text ? write_file_atomic (dir, MANIFEST_NAME, text, len) : -1;
+  if (r == -1) {
     m->generation--;
     return -1;
   }
+  /* The new manifest is the one in place: the caller must go on from
+   * it (undoing the change would leave the files it names missing).
+   */
+  if (r == 1)
+    snap_error ("%s/%s: saved, but syncing the directory failed: %m "
+                "(the change may not survive a power failure)",
+                dir, MANIFEST_NAME);
   return 0;
 }
 
@@ -379,9 +466,47 @@ manifest_free (struct manifest *m)
 {
   free (m->layers);
   free (m->ckpts);
+  free (m->drops);
   m->layers = NULL;
   m->ckpts = NULL;
-  m->nlayers = m->nckpts = 0;
+  m->drops = NULL;
+  m->nlayers = m->nckpts = m->ndrops = 0;
+}
+
+static bool
+manifest_has_layer (const struct manifest *m, uint64_t id)
+{
+  for (size_t i = 0; i < m->nlayers; ++i)
+    if (m->layers[i] == id)
+      return true;
+  return false;
+}
+
+bool
+manifest_uses (const struct manifest *m, uint64_t id)
+{
+  if (manifest_has_layer (m, id))
+    return true;
+  for (size_t i = 0; i < m->nckpts; ++i)
+    if (m->ckpts[i].map == id)
+      return true;
+  return false;
+}
+
+int
+manifest_add_drop (struct manifest *m, uint64_t id)
+{
+  uint64_t *p;
+
+  for (size_t i = 0; i < m->ndrops; ++i)
+    if (m->drops[i] == id)
+      return 0;
+  p = realloc (m->drops, (m->ndrops + 1) * sizeof *p);
+  if (p == NULL)
+    return -1;
+  m->drops = p;
+  m->drops[m->ndrops++] = id;
+  return 0;
 }
 
 ssize_t
@@ -433,15 +558,14 @@ manifest_dup (const struct manifest *src, struct manifest *dst)
   *dst = *src;
   dst->layers = malloc ((src->nlayers + 1) * sizeof *dst->layers);
   dst->ckpts = malloc ((src->nckpts + 1) * sizeof *dst->ckpts);
-  if (dst->layers == NULL || dst->ckpts == NULL) {
-    free (dst->layers);
-    free (dst->ckpts);
-    dst->layers = NULL;
-    dst->ckpts = NULL;
+  dst->drops = malloc ((src->ndrops + 1) * sizeof *dst->drops);
+  if (dst->layers == NULL || dst->ckpts == NULL || dst->drops == NULL) {
+    manifest_free (dst);
     return -1;
   }
   memcpy (dst->layers, src->layers, src->nlayers * sizeof *dst->layers);
   memcpy (dst->ckpts, src->ckpts, src->nckpts * sizeof *dst->ckpts);
+  memcpy (dst->drops, src->drops, src->ndrops * sizeof *dst->drops);
   return 0;
 }
 

@@ -31,14 +31,26 @@
  * Optional lines: "origin retired" once a stream has made the oldest
  * layer complete; "job ID delete NAME strategy=commit|stream
  * keep-bitmap=0|1 output=PATH|-" or "job ID revert NAME" while a
- * background job runs (output paths contain no white space).  The crc line
- * is the CRC-32 (util.h) of every byte before it.
+ * background job runs (output paths contain no white space); "drop ID"
+ * for each id whose files (layer-ID.*, dirty-ID.map) the store no
+ * longer uses and may delete (a crash can leave them behind after the
+ * manifest stopped naming them); "origin-sample 0xHASH", a hash of
+ * sampled blocks of the origin, present only while nothing writes the
+ * origin; "origin-file dev=D ino=I", the device and inode of the file
+ * the origin was served from, when known.  The crc line is the CRC-32
+ * (util.h) of every byte before it.
+ *
+ * Checks beyond the syntax: ids are below next-id; every snapshot names
+ * a listed layer, and no two the same; no two checkpoints share a map,
+ * and no map is a layer; a job names a snapshot; a dropped id is not
+ * in use.
  *
  * Thread safety: none; the filter serialises manifest changes.
  */
 #ifndef SNAP_MANIFEST_H
 #define SNAP_MANIFEST_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -88,6 +100,12 @@ struct manifest {
   bool origin_retired;          /* the oldest layer is complete: the
                                    origin is never read again */
   struct manifest_job job;
+  size_t ndrops;
+  uint64_t *drops;              /* ids whose files may be deleted */
+  bool has_sample;              /* origin_sample is valid */
+  uint64_t origin_sample;
+  bool has_origin_file;         /* origin_dev and origin_ino are valid */
+  uint64_t origin_dev, origin_ino;
 };
 
 /* Render m as text (malloc'd, *len set).  NULL with errno on ENOMEM. */
@@ -108,7 +126,10 @@ extern int manifest_load (const char *dir, struct manifest *m)
   __attribute__ ((__nonnull__ (1, 2)));
 
 /* Increment m->generation and replace DIR/manifest atomically.
- * Return 0, or -1 with errno set (m->generation is restored).
+ * Return 0, or -1 with errno set (m->generation is restored, and the
+ * old manifest is in place).  When the new manifest is in place but
+ * the directory could not be synced, the error is reported and 0 is
+ * returned: the store goes on from the new one.
  */
 extern int manifest_save (const char *dir, struct manifest *m)
   __attribute__ ((__nonnull__ (1, 2)));
@@ -136,6 +157,14 @@ extern int manifest_add_layer (struct manifest *m, uint64_t id)
 extern int manifest_add_checkpoint (struct manifest *m,
                                     const struct manifest_checkpoint *c)
   __attribute__ ((__nonnull__ (1, 2)));
+
+/* Add id to the drop list.  Return 0, or -1 with errno. */
+extern int manifest_add_drop (struct manifest *m, uint64_t id)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Whether the manifest uses id: a layer or a checkpoint's map. */
+extern bool manifest_uses (const struct manifest *m, uint64_t id)
+  __attribute__ ((__nonnull__ (1)));
 
 /* Remove checkpoint i (later ones move down). */
 extern void manifest_remove_checkpoint (struct manifest *m, size_t i)

@@ -101,7 +101,7 @@ write_file_atomic (const char *dir, const char *name,
   if (asprintf (&tmp, "%s/.%s.tmp", dir, name) == -1 ||
       asprintf (&path, "%s/%s", dir, name) == -1)
     return -1;
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd == -1)
     return -1;
   if (full_pwrite (fd, data, len, 0) == -1 || fsync (fd) == -1) {
@@ -117,7 +117,10 @@ write_file_atomic (const char *dir, const char *name,
     errno = e;
     return -1;
   }
-  return fsync_dir (dir);
+  /* The new file is in place: say so even if syncing the directory
+   * fails, so the caller does not act as if the old one were.
+   */
+  return fsync_dir (dir) == -1 ? 1 : 0;
 }
 
 const char *

@@ -52,8 +52,10 @@ extern int full_pread (int fd, void *buf, size_t count, off_t offset);
 extern int full_pwrite (int fd, const void *buf, size_t count, off_t offset);
 
 /* Replace the file dir/name with contents atomically: write
- * dir/.name.tmp, fsync it, rename over dir/name, fsync dir.
- * Return 0, or -1 with errno set.
+ * dir/.name.tmp (mode 0600), fsync it, rename over dir/name, fsync dir.
+ * Return 0; -1 with errno set if dir/name is still the old file; 1
+ * with errno set if it is the new one but syncing dir failed (the
+ * rename may not survive a power failure).
  */
 extern int write_file_atomic (const char *dir, const char *name,
                               const void *data, size_t len);

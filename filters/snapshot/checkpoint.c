@@ -198,18 +198,17 @@ ckpt_map_create (uint64_t id)
 
   if (d == NULL || path == NULL)
     goto err;
-  unlink (path);                /* Left by a crash before the manifest. */
   d->fd = mapfile_create (path, MAPFILE_KIND_DIRTY, store.block_size,
                           store.nblocks);
   if (d->fd == -1)
     goto err;
   if (sbitmap_init (&d->bm, store.nblocks) == -1) {
     nbdkit_error ("sbitmap_init: %m");
-    unlink (path);
+    store_remove_path (path);
     goto err;
   }
   if (ckpt_map_mmap (d) == -1) {
-    unlink (path);
+    store_remove_path (path);
     goto err;
   }
   return d;
@@ -541,7 +540,7 @@ ckpt_forget (size_t i, size_t nckpts)
            (nckpts - i - 1) * sizeof store.maps[0]);
   ckpt_map_free (d);
   if (path)
-    unlink (path);
+    store_remove_path (path);
 }
 
 int
@@ -557,7 +556,7 @@ ckpt_delete_bitmap (size_t i, char **errmsg)
   if (ckpt_fold (i) == -1)
     goto err;
   manifest_remove_checkpoint (&store.m, i);
-  if (manifest_save (store.dir, &store.m) == -1) {
+  if (store_drop_id (saved.map) == -1 || store_save () == -1) {
     int e = errno;
     memmove (&store.m.ckpts[i + 1], &store.m.ckpts[i],
              (store.m.nckpts - i) * sizeof store.m.ckpts[0]);

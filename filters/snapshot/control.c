@@ -267,6 +267,54 @@ wait_unused (const char *name)
   }
 }
 
+/* --output=PATH of a delete: an absolute path (no white space) where
+ * nothing is yet, in an existing directory outside the store, on the
+ * store's file system (the final name is a hard link to the layer).
+ * Return NULL if it will do, else the error reply.
+ */
+static char *
+check_output (const char *output)
+{
+  CLEANUP_FREE char *parent = NULL, *dir = NULL;
+  const size_t slen = strlen (store.dir);
+  struct stat st, sst;
+  char *slash;
+
+  if (output[0] != '/')
+    return error_reply ("--output=%s: the path must be absolute", output);
+  if (strpbrk (output, " \t\n\r") || strlen (output) >= 4096)
+    return error_reply ("--output=%s: the path must be shorter than "
+                        "4096 bytes and contain no white space", output);
+  if (lstat (output, &st) == 0)
+    return error_reply ("--output=%s: the file exists; the final image "
+                        "is never written over an existing file", output);
+  parent = strdup (output);
+  if (parent == NULL)
+    return error_reply ("out of memory");
+  slash = strrchr (parent, '/');
+  if (slash[1] == '\0')
+    return error_reply ("--output=%s: the path names a directory, not a "
+                        "file", output);
+  slash[slash == parent ? 1 : 0] = '\0';
+  dir = realpath (parent, NULL);
+  if (dir == NULL || stat (dir, &st) == -1)
+    return error_reply ("--output=%s: %s: %s", output, parent,
+                        strerror (errno));
+  if (strncmp (dir, store.dir, slen) == 0 &&
+      (dir[slen] == '\0' || dir[slen] == '/'))
+    return error_reply ("--output=%s: the path is inside the store (%s), "
+                        "whose files are its own: choose a path outside "
+                        "it", output, store.dir);
+  if (stat (store.dir, &sst) == -1)
+    return error_reply ("%s: %s", store.dir, strerror (errno));
+  if (st.st_dev != sst.st_dev)
+    return error_reply ("--output=%s: %s is on another file system than "
+                        "the store (%s): the image gets its final name "
+                        "by a hard link, which needs the same file system",
+                        output, dir, store.dir);
+  return NULL;
+}
+
 static char *
 cmd_delete (const struct json *req)
 {
@@ -296,17 +344,8 @@ cmd_delete (const struct json *req)
   else
     return error_reply ("invalid strategy '%s': expected auto, commit or "
                         "stream", strategy);
-  if (output) {
-    struct stat st;
-    if (output[0] != '/')
-      return error_reply ("--output=%s: the path must be absolute", output);
-    if (strpbrk (output, " \t\n\r") || strlen (output) >= 4096)
-      return error_reply ("--output=%s: the path must be shorter than "
-                          "4096 bytes and contain no white space", output);
-    if (lstat (output, &st) == 0)
-      return error_reply ("--output=%s: the file exists; the final image "
-                          "is never written over an existing file", output);
-  }
+  if (output && (reply = check_output (output)) != NULL)
+    return reply;
   if (job_busy (name, &errmsg))
     return error_reply ("%s", errmsg ? errmsg : "a job is running");
 

@@ -788,8 +788,9 @@ job_scan (struct job *j)
 
 /* Files of dropped layers, deleted after store.lock is released:
  * deleting a big sparse file can take seconds, and clients must not
- * wait for it.  (After a crash in between, the files stay behind,
- * unreferenced and harmless.)  Used by the job thread only.
+ * wait for it.  (After a crash in between, the manifest's drop lines
+ * say they may go, and the next start deletes them.)  Used by the job
+ * thread only.
  */
 static char *doomed[4];
 static size_t ndoomed;
@@ -816,8 +817,8 @@ static void
 delete_files (char **paths, size_t n)
 {
   for (size_t i = 0; i < n; ++i) {
-    if (paths[i])
-      unlink (paths[i]);
+    if (paths[i] && store_remove_path (paths[i]) == -1)
+      nbdkit_debug ("snapshot: %s: left in place: %m", paths[i]);
     free (paths[i]);
   }
 }
@@ -932,12 +933,16 @@ finish_delete (struct job *j, char **errmsg)
   if (j->strategy == STRATEGY_COMMIT) {
     /* Upper's pages are all in lower now. */
     manifest_remove_layer (&store.m, store.layers[j->upper]->id);
+    if (store_drop_id (store.layers[j->upper]->id) == -1)
+      goto err_restore;
   }
   else {
     uint64_t up_id = store.layers[j->upper]->id;
     if (j->lower >= 0) {
       uint64_t lo_id = store.layers[j->lower]->id;
       manifest_remove_layer (&store.m, lo_id);
+      if (store_drop_id (lo_id) == -1)
+        goto err_restore;
       /* A snapshot bound to lower keeps its view bound to upper. */
       for (size_t i = 0; i < store.m.nckpts; ++i)
         if (store.m.ckpts[i].kind == CKPT_SNAPSHOT &&
@@ -968,12 +973,12 @@ finish_delete (struct job *j, char **errmsg)
     store.m.ckpts[ci].layer = 0;
   }
   else {
-    if (ckpt_fold (ci) == -1)
+    if (ckpt_fold (ci) == -1 || store_drop_id (store.m.ckpts[ci].map) == -1)
       goto err_restore;
     manifest_remove_checkpoint (&store.m, ci);
   }
   store.m.job.kind = JOB_NONE;
-  if (manifest_save (store.dir, &store.m) == -1)
+  if (store_save () == -1)
     goto err_restore;
   manifest_free (&saved);
 
@@ -1003,7 +1008,7 @@ static int
 finish_revert (struct job *j, char **errmsg)
 {
   store.m.job.kind = JOB_NONE;
-  if (manifest_save (store.dir, &store.m) == -1) {
+  if (store_save () == -1) {
     store.m.job.kind = JOB_REVERT;
     set_errmsg (errmsg, "finishing the revert to '%s': %s",
                 j->name, strerror (errno));
@@ -1034,7 +1039,7 @@ abandon_job (struct job *j)
   if (job_must_finish (j))
     return;
   store.m.job.kind = JOB_NONE;
-  if (manifest_save (store.dir, &store.m) == -1)
+  if (store_save () == -1)
     nbdkit_error ("snapshot: job %" PRIu64 ": saving the manifest: %m",
                   j->id);
 }
@@ -1268,7 +1273,7 @@ job_launch (struct job *j, bool push, char **errmsg)
   };
   strcpy (store.m.job.name, j->name);
   strcpy (store.m.job.output, j->output);
-  if (manifest_save (store.dir, &store.m) == -1)
+  if (store_save () == -1)
     goto err_restore;
   manifest_free (&saved);
   job_plan (j);                 /* a revert sets store.revert_depth */

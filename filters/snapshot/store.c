@@ -170,11 +170,9 @@ layer_create (uint64_t id)
 
   if (l == NULL || data == NULL || map == NULL)
     goto err;
-  /* A file left by a create that crashed before the manifest named it
-   * holds nothing of value.
+  /* Ids are never reused, and start-up hands out new ones above any
+   * file it found: a file already there is not ours to replace.
    */
-  unlink (data);
-  unlink (map);
   l->data_fd = open (data, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (l->data_fd == -1) {
     nbdkit_error ("%s: %m", data);
@@ -199,8 +197,8 @@ layer_create (uint64_t id)
   return l;
 
  err_unlink:
-  unlink (data);
-  unlink (map);
+  store_remove_path (data);
+  store_remove_path (map);
  err:
   layer_free (l);
   return NULL;
@@ -291,43 +289,6 @@ raise_fd_limit (void)
 /* Whether the manifest was loaded (false: a new store). */
 static bool have_manifest;
 
-int
-store_load (void)
-{
-  int r = manifest_load (store.dir, &store.m);
-
-  if (r == -1)
-    return -1;
-  have_manifest = r == 1;
-  if (!have_manifest)
-    return 0;
-  if (store.m.mode != MODE_ROW) {
-    nbdkit_error ("snapshot-store=%s: the store is in cbw mode, which is "
-                  "not available in this release", store.dir);
-    return -1;
-  }
-  if (block_size_param && block_size_param != store.m.block_size) {
-    nbdkit_error ("snapshot-block-size=%" PRIu32 " does not match the "
-                  "block size of the store %s (%" PRIu32 ")",
-                  block_size_param, store.dir, store.m.block_size);
-    return -1;
-  }
-  return 0;
-}
-
-/* Whether the manifest names file id as a layer or a dirty map. */
-static bool
-store_references (uint64_t id)
-{
-  for (size_t i = 0; i < store.m.nlayers; ++i)
-    if (store.m.layers[i] == id)
-      return true;
-  for (size_t i = 0; i < store.m.nckpts; ++i)
-    if (store.m.ckpts[i].map == id)
-      return true;
-  return false;
-}
-
 /* If name is layer-ID.data, layer-ID.map or dirty-ID.map, set *id. */
 static bool
 store_file_id (const char *name, uint64_t *id)
@@ -351,42 +312,306 @@ store_file_id (const char *name, uint64_t *id)
   return false;
 }
 
-/* Delete the layer and dirty map files the manifest does not name:
- * left by a crash after a merge job dropped a layer (job.c deletes
- * them after the job ends) or before a new checkpoint reached the
- * manifest.  An output symlink goes, never its target.
+/* Whether name is one of the files a store that has been used holds
+ * besides its manifest.
  */
+static bool
+is_store_file (const char *name)
+{
+  uint64_t id;
+
+  return store_file_id (name, &id) || strcmp (name, "intent.map") == 0;
+}
+
+int
+store_load (void)
+{
+  int r = manifest_load (store.dir, &store.m);
+
+  if (r == -1)
+    return -1;
+  have_manifest = r == 1;
+  if (!have_manifest) {
+    /* A directory with store files and no manifest is a store that
+     * lost its manifest, not a new one: starting afresh would make
+     * every file in it unexplained.  Leave it all alone.
+     */
+    DIR *dir = opendir (store.dir);
+    struct dirent *e;
+
+    if (dir == NULL) {
+      nbdkit_error ("snapshot-store=%s: %m", store.dir);
+      return -1;
+    }
+    while ((e = readdir (dir)) != NULL)
+      if (is_store_file (e->d_name)) {
+        nbdkit_error ("snapshot-store=%s: the directory holds store files "
+                      "(%s) but no manifest: refusing to start a new "
+                      "store over them, nothing was changed (put back %s/"
+                      MANIFEST_NAME ", or move the files away)",
+                      store.dir, e->d_name, store.dir);
+        closedir (dir);
+        return -1;
+      }
+    closedir (dir);
+    return 0;
+  }
+  if (store.m.mode != MODE_ROW) {
+    nbdkit_error ("snapshot-store=%s: the store is in cbw mode, which is "
+                  "not available in this release", store.dir);
+    return -1;
+  }
+  if (block_size_param && block_size_param != store.m.block_size) {
+    nbdkit_error ("snapshot-block-size=%" PRIu32 " does not match the "
+                  "block size of the store %s (%" PRIu32 ")",
+                  block_size_param, store.dir, store.m.block_size);
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- Deleting files ---- */
+
+/* The files of the store that a symlink in it points to (the final
+ * name of an image given with --output is one), as st_dev/st_ino
+ * pairs, so that no sweep ever removes one.
+ */
+struct inode_set {
+  size_t n;
+  dev_t dev[64];
+  ino_t ino[64];
+};
+
 static void
+link_targets (DIR *dir, struct inode_set *set)
+{
+  struct dirent *e;
+
+  set->n = 0;
+  rewinddir (dir);
+  while ((e = readdir (dir)) != NULL && set->n < 64) {
+    struct stat st;
+
+    if (fstatat (dirfd (dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISLNK (st.st_mode) &&
+        fstatat (dirfd (dir), e->d_name, &st, 0) == 0) {
+      set->dev[set->n] = st.st_dev;
+      set->ino[set->n++] = st.st_ino;
+    }
+  }
+  rewinddir (dir);
+}
+
+/* Delete name (in directory dirfd) if that is safe: a symlink (only
+ * the link goes, never what it points to), or a regular file with one
+ * link that no symlink in targets points to.  Return 0 (deleted, or
+ * not there), or -1 with errno set (EMLINK: not safe to delete).
+ */
+static int
+remove_file (int dirfd, const char *name, const struct inode_set *targets)
+{
+  struct stat st;
+
+  if (fstatat (dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == -1)
+    return errno == ENOENT ? 0 : -1;
+  if (!S_ISLNK (st.st_mode)) {
+    if (!S_ISREG (st.st_mode) || st.st_nlink != 1) {
+      errno = EMLINK;
+      return -1;
+    }
+    for (size_t i = 0; i < targets->n; ++i)
+      if (targets->dev[i] == st.st_dev && targets->ino[i] == st.st_ino) {
+        errno = EMLINK;
+        return -1;
+      }
+  }
+  return unlinkat (dirfd, name, 0);
+}
+
+int
+store_remove_path (const char *path)
+{
+  const char *name = strrchr (path, '/');
+  struct inode_set targets;
+  DIR *dir;
+  int r, e;
+
+  if (name == NULL || (size_t) (name - path) != strlen (store.dir) ||
+      strncmp (path, store.dir, name - path) != 0) {
+    errno = EINVAL;             /* not a file of the store */
+    return -1;
+  }
+  dir = opendir (store.dir);
+  if (dir == NULL)
+    return -1;
+  link_targets (dir, &targets);
+  r = remove_file (dirfd (dir), name + 1, &targets);
+  e = errno;
+  closedir (dir);
+  errno = e;
+  return r;
+}
+
+/* Whether the store's file name holds no data: a layer data file with
+ * no allocated data, a map file whose bits are all clear.  Anything
+ * that cannot be read, or is not a regular file, holds data.
+ */
+static bool
+file_is_empty (int dirfd, const char *name)
+{
+  CLEANUP_CLOSE int fd = openat (dirfd, name,
+                                 O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  struct stat st;
+  char buf[65536];
+  off_t off;
+
+  if (fd == -1 || fstat (fd, &st) == -1 || !S_ISREG (st.st_mode))
+    return false;
+  if (st.st_size == 0)
+    return true;
+  if (strstr (name, ".data")) {
+    off = lseek (fd, 0, SEEK_DATA);
+    return off == -1 && errno == ENXIO;
+  }
+  /* A map: every byte after the header is zero. */
+  for (off = MAPFILE_HEADER_SIZE; off < st.st_size; off += sizeof buf) {
+    size_t n = MIN ((off_t) sizeof buf, st.st_size - off);
+    if (full_pread (fd, buf, n, off) == -1)
+      return false;
+    for (size_t i = 0; i < n; ++i)
+      if (buf[i])
+        return false;
+  }
+  return true;
+}
+
+/* Look at every file of the store at start-up:
+ *
+ * - the files the manifest uses, and its own files, are made 0600;
+ * - the files of ids the manifest drops (a layer a merge dropped, a
+ *   checkpoint's map deleted, then a crash before the files went) are
+ *   deleted, and the drop lines with them;
+ * - any other layer or map file is deleted only if it holds nothing
+ *   (left by a create that a crash stopped before the manifest named
+ *   it); else it is reported and left alone, and new ids are handed
+ *   out above it.
+ *
+ * Only regular files with one link that no symlink in the store points
+ * to are ever deleted (symlinks themselves may be).
+ */
+static int
 store_sweep (void)
 {
   DIR *dir = opendir (store.dir);
+  struct inode_set targets;
   struct dirent *e;
 
-  if (dir == NULL)
-    return;
+  if (dir == NULL) {
+    nbdkit_error ("snapshot-store=%s: %m", store.dir);
+    return -1;
+  }
+  link_targets (dir, &targets);
   while ((e = readdir (dir)) != NULL) {
+    struct stat st;
     uint64_t id;
+    bool drop = false;
 
-    if (!store_file_id (e->d_name, &id))
+    if (fstatat (dirfd (dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == -1 ||
+        !S_ISREG (st.st_mode)) {
+      if (!store_file_id (e->d_name, &id) || !S_ISLNK (st.st_mode))
+        continue;
+    }
+    else if ((st.st_mode & 0777) != 0600 &&
+             (is_store_file (e->d_name) ||
+              strcmp (e->d_name, MANIFEST_NAME) == 0 ||
+              strcmp (e->d_name, "boot-id") == 0 ||
+              strcmp (e->d_name, "lock") == 0))
+      fchmodat (dirfd (dir), e->d_name, 0600, 0);
+    if (!store_file_id (e->d_name, &id) || manifest_uses (&store.m, id))
       continue;
-    if (store_references (id))
-      continue;
-    if (unlinkat (dirfd (dir), e->d_name, 0) == 0)
-      nbdkit_debug ("snapshot: removed %s (not in the manifest)", e->d_name);
+    for (size_t i = 0; i < store.m.ndrops; ++i)
+      drop |= store.m.drops[i] == id;
+    if (drop || file_is_empty (dirfd (dir), e->d_name)) {
+      if (remove_file (dirfd (dir), e->d_name, &targets) == 0) {
+        nbdkit_debug ("snapshot: removed %s (%s)", e->d_name,
+                      drop ? "dropped" : "empty, not in the manifest");
+        continue;
+      }
+      if (errno != EMLINK) {
+        nbdkit_error ("snapshot-store=%s: removing %s: %m",
+                      store.dir, e->d_name);
+        closedir (dir);
+        return -1;
+      }
+    }
+    if (drop)
+      nbdkit_error ("snapshot-store=%s: %s belongs to a dropped layer or "
+                    "map, but another name or a symlink in the store "
+                    "refers to it: it is left alone", store.dir, e->d_name);
+    else
+      nbdkit_error ("snapshot-store=%s: %s is not named by the manifest "
+                    "and holds data: it is left alone (move it away if it "
+                    "is not needed)", store.dir, e->d_name);
+    /* New files are never created over it. */
+    if (id >= store.m.next_id)
+      store.m.next_id = id + 1;
   }
   closedir (dir);
+  /* The drop lines of files now gone go with the next save. */
+  return 0;
+}
+
+/* Whether a file of id is still in the store. */
+static bool
+id_has_files (uint64_t id)
+{
+  CLEANUP_FREE char *data = layer_path (id, "data");
+  CLEANUP_FREE char *map = layer_path (id, "map");
+  CLEANUP_FREE char *dirty = ckpt_map_path (id);
+  struct stat st;
+
+  return data == NULL || map == NULL || dirty == NULL ||
+    lstat (data, &st) == 0 || lstat (map, &st) == 0 || lstat (dirty, &st) == 0;
+}
+
+int
+store_save (void)
+{
+  size_t n = 0;
+
+
+  /* Forget the drops whose files are gone (or that are in use again,
+   * after a change that failed).
+   */
+  for (size_t i = 0; i < store.m.ndrops; ++i)
+    if (!manifest_uses (&store.m, store.m.drops[i]) &&
+        id_has_files (store.m.drops[i]))
+      store.m.drops[n++] = store.m.drops[i];
+  store.m.ndrops = n;
+  return manifest_save (store.dir, &store.m);
+}
+
+int
+store_drop_id (uint64_t id)
+{
+  return manifest_add_drop (&store.m, id);
 }
 
 int
 store_open (uint64_t origin_size)
 {
   raise_fd_limit ();
+  if (origin_size == 0) {
+    nbdkit_error ("snapshot-store=%s: the origin is empty (0 bytes): "
+                  "there is nothing to take snapshots of", store.dir);
+    return -1;
+  }
   if (!have_manifest) {
     store.m.mode = MODE_ROW;
     store.m.block_size = block_size_param ? block_size_param : 65536;
     store.m.size = origin_size;
     store.m.next_id = 1;
-    if (manifest_save (store.dir, &store.m) == -1) {
+    if (store_save () == -1) {
       nbdkit_error ("%s: cannot write the manifest: %m", store.dir);
       return -1;
     }
@@ -405,7 +630,8 @@ store_open (uint64_t origin_size)
   store.npages = (store.size + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
   store.nblocks = (store.size + store.block_size - 1) / store.block_size;
 
-  store_sweep ();
+  if (store_sweep () == -1)
+    return -1;
   store.layers = calloc (store.m.nlayers + 1, sizeof *store.layers);
   if (store.layers == NULL) {
     nbdkit_error ("calloc: %m");
@@ -500,9 +726,9 @@ create_rollback (uint64_t next_id, size_t nlayers, size_t nckpts,
     CLEANUP_FREE char *data = layer_path (id, "data");
     CLEANUP_FREE char *map = layer_path (id, "map");
     CLEANUP_FREE char *dirty = ckpt_map_path (id);
-    if (data) unlink (data);
-    if (map) unlink (map);
-    if (dirty) unlink (dirty);
+    if (data) store_remove_path (data);
+    if (map) store_remove_path (map);
+    if (dirty) store_remove_path (dirty);
   }
   store.m.next_id = next_id;
   store.m.nlayers = nlayers;
@@ -586,7 +812,7 @@ store_create_checkpoint (const char *name, bool bitmap_only,
   if (fsync_dir (store.dir) == -1 ||
       (l && manifest_add_layer (&store.m, c.layer) == -1) ||
       manifest_add_checkpoint (&store.m, &c) == -1 ||
-      manifest_save (store.dir, &store.m) == -1) {
+      store_save () == -1) {
     int e = errno;
     create_rollback (next_id, nlayers, nckpts, l, d);
     set_errmsg (errmsg, "cannot save the manifest in %s: %s",

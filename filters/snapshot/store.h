@@ -188,6 +188,26 @@ extern int store_load (void);
  */
 extern int store_open (uint64_t origin_size);
 
+/* Save the manifest (store.m), dropping the drop lines of ids whose
+ * files are gone.  Return 0, or -1 with errno set (the manifest on
+ * disk is then the old one).
+ */
+extern int store_save (void);
+
+/* Record that id's files are no longer used (saved with the next
+ * store_save, which makes them deletable after a crash).  Return 0, or
+ * -1 with errno set.
+ */
+extern int store_drop_id (uint64_t id);
+
+/* Delete path, a file of the store, if that is safe: a symlink, or a
+ * regular file with one link that no symlink in the store points to.
+ * Return 0 (deleted, or not there), or -1 with errno set (EMLINK: not
+ * safe; EINVAL: not in the store).
+ */
+extern int store_remove_path (const char *path)
+  __attribute__ ((__nonnull__ (1)));
+
 /* Flush and close everything (clean shutdown). */
 extern void store_close (void);
 
