@@ -2,8 +2,8 @@
  *
  * One thread serves a Unix socket: each client sends one JSON object
  * per line and gets one JSON object per line back, in order.  Clients
- * are multiplexed with poll(2), so a slow or broken client cannot stop
- * the others.  A line longer than CONTROL_MAX_LINE gets an error reply
+ * are multiplexed with poll(2) on non-blocking sockets, so a slow or
+ * broken client cannot stop the others (control_thread).  A line longer than CONTROL_MAX_LINE gets an error reply
  * and is skipped up to its newline; a client that closes its side
  * after a partial line gets a reply to that line, then is closed.
  *
@@ -36,15 +36,26 @@
 #define CONTROL_MAX_LINE (64 * 1024)
 #define CONTROL_MAX_CLIENTS 32
 
+/* Replies a client may leave unread before its requests are no
+ * longer read.
+ */
+#define CONTROL_MAX_BACKLOG (256 * 1024)
+
 struct client {
-  int fd;
+  int fd;                       /* non-blocking */
   bool skipping;                /* discarding an over-long line */
   bool waiting;                 /* a "wait" awaits its reply */
+  bool eof;                     /* no more requests: close when sent */
+  bool dead;                    /* gone away: close now */
   uint64_t wait_job;
   int64_t wait_until;           /* job_now_ns () deadline */
+  char *out;                    /* replies not yet sent: */
+  size_t out_off, out_len, out_cap;   /* [out_off, out_len) of out */
   size_t len;
   char buf[CONTROL_MAX_LINE + 1];
 };
+
+static void client_flush (struct client *c);
 
 static int listen_fd = -1;
 static int wake_pipe[2] = { -1, -1 };
@@ -644,41 +655,71 @@ handle_request (const char *line, size_t len)
 
 /* ---- The socket ---- */
 
+/* Append reply and a newline to c's output, and send what the socket
+ * takes now.  Never blocks: what it does not take waits for POLLOUT.
+ * A client gone away is marked dead.  reply is freed.
+ */
 static void
 send_reply (struct client *c, char *reply)
 {
   size_t n;
-  char *p;
 
   if (reply == NULL)
     reply = error_reply ("out of memory");
   if (reply == NULL)
     return;
   n = strlen (reply);
-  p = realloc (reply, n + 2);
-  if (p == NULL) {
-    free (reply);
-    return;
+  if (c->out_len + n + 1 > c->out_cap) {
+    size_t cap = MAX (c->out_cap * 2, c->out_len + n + 1);
+    char *p = realloc (c->out, cap);
+    if (p == NULL) {
+      c->dead = true;           /* cannot keep its replies in order */
+      free (reply);
+      return;
+    }
+    c->out = p;
+    c->out_cap = cap;
   }
-  reply = p;
-  strcpy (reply + n++, "\n");
-  while (n > 0) {
-    ssize_t r = send (c->fd, p, n, MSG_NOSIGNAL);
+  memcpy (c->out + c->out_len, reply, n);
+  c->out[c->out_len + n] = '\n';
+  c->out_len += n + 1;
+  free (reply);
+  client_flush (c);
+}
+
+static void
+client_flush (struct client *c)
+{
+  while (c->out_off < c->out_len && !c->dead) {
+    ssize_t r = send (c->fd, c->out + c->out_off, c->out_len - c->out_off,
+                      MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r == -1) {
       if (errno == EINTR)
         continue;
-      break;                    /* The client went away. */
+      if (errno != EAGAIN && errno != EWOULDBLOCK)
+        c->dead = true;         /* The client went away. */
+      break;
     }
-    p += r;
-    n -= r;
+    c->out_off += r;
   }
-  free (reply);
+  if (c->out_off == c->out_len)
+    c->out_off = c->out_len = 0;
+}
+
+/* Whether c has so many replies unread that its requests are left in
+ * the socket until it reads them.
+ */
+static bool
+client_backlogged (const struct client *c)
+{
+  return c->out_len - c->out_off > CONTROL_MAX_BACKLOG;
 }
 
 static void
 client_close (size_t i)
 {
   close (clients[i]->fd);
+  free (clients[i]->out);
   free (clients[i]);
   clients[i] = NULL;
 }
@@ -697,14 +738,16 @@ answer (struct client *c, const char *line, size_t len)
 }
 
 /* Answer each complete line in c->buf (one at a time while a wait is
- * pending, so replies keep the order of requests).
+ * pending, so replies keep the order of requests; none while c has
+ * too many replies unread).
  */
 static void
 process_lines (struct client *c)
 {
   char *nl;
 
-  while (!c->waiting && (nl = memchr (c->buf, '\n', c->len)) != NULL) {
+  while (!c->waiting && !c->dead && !client_backlogged (c) &&
+         (nl = memchr (c->buf, '\n', c->len)) != NULL) {
     size_t linelen = nl - c->buf;
 
     if (c->skipping)
@@ -714,7 +757,7 @@ process_lines (struct client *c)
     memmove (c->buf, nl + 1, c->len - linelen - 1);
     c->len -= linelen + 1;
   }
-  if (c->len > CONTROL_MAX_LINE) {
+  if (c->len > CONTROL_MAX_LINE && memchr (c->buf, '\n', c->len) == NULL) {
     if (!c->skipping)
       send_reply (c, error_reply ("request too long (more than %d bytes)",
                                   CONTROL_MAX_LINE));
@@ -724,23 +767,29 @@ process_lines (struct client *c)
 }
 
 static void
-client_read (size_t i)
+client_read (struct client *c)
 {
-  struct client *c = clients[i];
-  ssize_t r = recv (c->fd, c->buf + c->len,
-                    sizeof c->buf - c->len, 0);
+  ssize_t r;
 
-  if (r == -1 && errno == EINTR)
+  if (c->len == sizeof c->buf)
+    return;                     /* full of requests not yet answered */
+  r = recv (c->fd, c->buf + c->len, sizeof c->buf - c->len, MSG_DONTWAIT);
+
+  if (r == -1 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
     return;
   if (r <= 0) {
     /* Half-closed: answer a final unterminated request, then close
-     * (a wait is not waited for: nobody could read the reply).
+     * once the replies are out (a wait is not waited for: nobody could
+     * read its reply).
      */
     if (r == 0 && c->len > 0 && !c->skipping && !c->waiting) {
       answer (c, c->buf, c->len);
       c->waiting = false;
     }
-    client_close (i);
+    c->len = 0;
+    c->eof = true;
+    if (r == -1)
+      c->dead = true;
     return;
   }
   c->len += r;
@@ -750,7 +799,7 @@ client_read (size_t i)
 static void
 client_accept (void)
 {
-  int fd = accept4 (listen_fd, NULL, NULL, SOCK_CLOEXEC);
+  int fd = accept4 (listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
   size_t i;
 
   if (fd == -1)
@@ -761,18 +810,16 @@ client_accept (void)
   if (i == CONTROL_MAX_CLIENTS) {
     struct client tmp = { .fd = fd };
     send_reply (&tmp, error_reply ("too many control clients"));
+    free (tmp.out);
     close (fd);
     return;
   }
-  clients[i] = malloc (sizeof *clients[i]);
+  clients[i] = calloc (1, sizeof *clients[i]);
   if (clients[i] == NULL) {
     close (fd);
     return;
   }
   clients[i]->fd = fd;
-  clients[i]->skipping = false;
-  clients[i]->waiting = false;
-  clients[i]->len = 0;
 }
 
 /* Answer the waits whose job ended or whose time is up; return the
@@ -812,6 +859,12 @@ answer_waits (void)
   return next > INT_MAX ? INT_MAX : (int) next;
 }
 
+/* The control thread: one poll(2) loop over the listening socket, the
+ * clients and two wake-up pipes.  Every socket is non-blocking, so one
+ * client can hold up no other: a client that does not read its
+ * replies keeps them in its output buffer, and past
+ * CONTROL_MAX_BACKLOG its requests wait in its socket.
+ */
 static void *
 control_thread (void *arg)
 {
@@ -821,17 +874,37 @@ control_thread (void *arg)
     size_t n = 3, nc = 0;
     int timeout = answer_waits ();
 
+    /* Close the clients that are done: gone away, or at end of input
+     * with every reply sent.
+     */
+    for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i)
+      if (clients[i] &&
+          (clients[i]->dead ||
+           (clients[i]->eof && clients[i]->out_len == 0)))
+        client_close (i);
+
     fds[0] = (struct pollfd) { .fd = wake_pipe[0], .events = POLLIN };
     fds[1] = (struct pollfd) { .fd = listen_fd, .events = POLLIN };
     fds[2] = (struct pollfd) { .fd = job_pipe[0], .events = POLLIN };
-    /* A client waiting for a job is not read meanwhile: its later
-     * requests wait in the socket, in order.
-     */
-    for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i)
-      if (clients[i] && !clients[i]->waiting) {
-        fds[n++] = (struct pollfd) { .fd = clients[i]->fd, .events = POLLIN };
+    for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i) {
+      struct client *c = clients[i];
+      short events = 0;
+
+      if (c == NULL)
+        continue;
+      /* A client waiting for a job is not read meanwhile: its later
+       * requests wait in the socket, in order.  Nor is one that has
+       * left too many replies unread.
+       */
+      if (!c->waiting && !c->eof && !client_backlogged (c))
+        events |= POLLIN;
+      if (c->out_len > 0)
+        events |= POLLOUT;
+      if (events) {
+        fds[n++] = (struct pollfd) { .fd = c->fd, .events = events };
         idx[nc++] = i;
       }
+    }
     if (poll (fds, n, timeout) == -1) {
       if (errno == EINTR)
         continue;
@@ -845,9 +918,19 @@ control_thread (void *arg)
       ssize_t r = read (job_pipe[0], buf, sizeof buf);   /* drain */
       (void) r;
     }
-    for (size_t k = 0; k < nc; ++k)
-      if (fds[k + 3].revents)
-        client_read (idx[k]);
+    for (size_t k = 0; k < nc; ++k) {
+      struct client *c = clients[idx[k]];
+      const short rev = fds[k + 3].revents;
+
+      if (rev & POLLOUT) {
+        client_flush (c);
+        process_lines (c);      /* requests held while it was behind */
+      }
+      if (rev & POLLIN)
+        client_read (c);
+      else if (rev & (POLLHUP | POLLERR))
+        c->dead = true;         /* gone, and nothing left to read */
+    }
     if (fds[1].revents & POLLIN)
       client_accept ();
   }
