@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <nbdkit-filter.h>
 
@@ -53,6 +54,11 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_job_delay = 0;
  * the write-intent regions on client flushes (intent.c).
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_intent_clear_ms = 5000;
+
+/* -D snapshot.origin_probe_ms=MS: how long start-up waits for the
+ * origin to take a second connection (probe_origin).
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_origin_probe_ms = 10000;
 
 /* A context on the plugin opened in .after_fork, used by the control
  * thread (to flush the origin when the first snapshot freezes it).
@@ -286,6 +292,93 @@ flush_origin_bg (void)
 
 static int open_store (nbdkit_backend *backend);
 
+/* The filter keeps a context of its own on the plugin (bg_next) beside
+ * the clients' ones.  An origin that serves one connection at a time
+ * would leave every client waiting for ever behind it: qemu-nbd with
+ * its default --shared=1 queues a second connection without ever
+ * answering it, and the nbd plugin, unless shared=true, opens one
+ * connection per context.  So at start-up open a second context from
+ * a thread of its own, and refuse to start if it does not open within
+ * snapshot_debug_origin_probe_ms.
+ */
+struct probe {
+  nbdkit_backend *backend;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  bool done;
+  bool abandoned;               /* timed out: the thread frees it */
+};
+
+static void *
+probe_main (void *arg)
+{
+  struct probe *p = arg;
+  nbdkit_next *ctx = nbdkit_next_context_open (p->backend, 1, "", 0);
+  bool abandoned;
+
+  if (ctx)
+    nbdkit_next_context_close (ctx);
+  pthread_mutex_lock (&p->lock);
+  p->done = true;
+  abandoned = p->abandoned;
+  pthread_cond_signal (&p->cond);
+  pthread_mutex_unlock (&p->lock);
+  if (abandoned)
+    free (p);
+  return NULL;
+}
+
+static int
+probe_origin (nbdkit_backend *backend)
+{
+  struct probe *p = calloc (1, sizeof *p);
+  struct timespec deadline;
+  pthread_t thread;
+  bool done;
+  int err;
+
+  if (p == NULL) {
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
+  p->backend = backend;
+  pthread_mutex_init (&p->lock, NULL);
+  pthread_cond_init (&p->cond, NULL);
+  err = pthread_create (&thread, NULL, probe_main, p);
+  if (err) {
+    free (p);
+    return 0;                   /* no probe: go on as before */
+  }
+  pthread_detach (thread);
+  clock_gettime (CLOCK_REALTIME, &deadline);
+  deadline.tv_sec += snapshot_debug_origin_probe_ms / 1000;
+  deadline.tv_nsec += snapshot_debug_origin_probe_ms % 1000 * 1000000L;
+  if (deadline.tv_nsec >= 1000000000) {
+    deadline.tv_sec++;
+    deadline.tv_nsec -= 1000000000;
+  }
+  pthread_mutex_lock (&p->lock);
+  while (!p->done &&
+         pthread_cond_timedwait (&p->cond, &p->lock, &deadline) == 0)
+    ;
+  done = p->done;
+  p->abandoned = !done;
+  pthread_mutex_unlock (&p->lock);
+  if (done) {
+    free (p);
+    return 0;
+  }
+  nbdkit_error ("snapshot: the origin did not take a second connection "
+                "within %d ms: the filter needs one of its own besides the "
+                "clients' (for flushes and jobs), and with an origin that "
+                "serves one connection at a time every client would wait "
+                "for ever.  If the origin is qemu-nbd, start it with "
+                "--shared=0 (or --shared=N with N > 1); or give the nbd "
+                "plugin shared=true",
+                snapshot_debug_origin_probe_ms);
+  return -1;
+}
+
 static int
 snapshot_after_fork (nbdkit_backend *backend)
 {
@@ -323,6 +416,8 @@ open_store (nbdkit_backend *backend)
     bg_next = NULL;
     return -1;
   }
+  if (probe_origin (backend) == -1)
+    return -1;
   size = bg_next->get_size (bg_next);
   if (size == -1)
     return -1;
