@@ -37,6 +37,13 @@
 #define OFF_NBITS 24
 #define OFF_CRC 32
 #define CRC_LEN 32              /* The CRC covers bytes 0..31. */
+#define OFF_SEAL 40
+#define OFF_NSET 48
+#define OFF_BODY_SUM 56
+#define OFF_EXTRA 64
+#define OFF_SEAL_CRC 80
+#define SEAL_LEN 40             /* The seal's CRC covers bytes 40..79. */
+#define MAPFILE_SEAL_MAGIC UINT32_C (0x4c414553)     /* "SEAL" */
 
 /* Pages read at a time when loading. */
 #define LOAD_CHUNK_PAGES 32
@@ -244,6 +251,102 @@ mapfile_create (const char *path, uint32_t kind,
 }
 
 /*----------------------------------------------------------------
+ * Seals
+ */
+
+/* What page p with these words (host order) adds to body_sum. */
+static uint64_t
+page_sum (uint64_t p, const uint64_t *words)
+{
+  uint64_t buf[SBITMAP_PAGE_WORDS];
+
+  for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
+    buf[w] = htole64 (words[w]);
+  return snap_mix64 ((p << 32) ^ snap_crc32 (0, buf, sizeof buf));
+}
+
+static bool
+page_is_zero (const uint64_t *words)
+{
+  for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
+    if (words[w])
+      return false;
+  return true;
+}
+
+void
+mapfile_seal_compute (const struct sbitmap *bm, struct mapfile_seal *seal)
+{
+  seal->nset = sbitmap_count (bm);
+  seal->body_sum = 0;
+  for (size_t p = 0; p < bm->npages; ++p)
+    if (bm->pages[p] && !page_is_zero (bm->pages[p]))
+      seal->body_sum += page_sum (p, bm->pages[p]);
+}
+
+int
+mapfile_set_seal_path (int fd, const char *path,
+                       const struct mapfile_seal *seal)
+{
+  int r, e;
+
+  if (fd >= 0)
+    return mapfile_set_seal (fd, seal);
+  fd = open (path, O_RDWR | O_CLOEXEC);
+  if (fd == -1)
+    return -1;
+  r = mapfile_set_seal (fd, seal);
+  e = errno;
+  close (fd);
+  errno = e;
+  return r;
+}
+
+int
+mapfile_set_seal (int fd, const struct mapfile_seal *seal)
+{
+  unsigned char buf[SEAL_LEN + 4];
+
+  memset (buf, 0, sizeof buf);
+  if (seal) {
+    put_le32 (buf, OFF_SEAL - OFF_SEAL, MAPFILE_SEAL_MAGIC);
+    put_le64 (buf, OFF_NSET - OFF_SEAL, seal->nset);
+    put_le64 (buf, OFF_BODY_SUM - OFF_SEAL, seal->body_sum);
+    put_le64 (buf, OFF_EXTRA - OFF_SEAL, seal->extra[0]);
+    put_le64 (buf, OFF_EXTRA + 8 - OFF_SEAL, seal->extra[1]);
+    put_le32 (buf, OFF_SEAL_CRC - OFF_SEAL, snap_crc32 (0, buf, SEAL_LEN));
+  }
+  if (full_pwrite (fd, buf, sizeof buf, OFF_SEAL) == -1)
+    return -1;
+  return fdatasync (fd);
+}
+
+/* Read the seal from header: 1 if sealed (*seal set), 0 if not, -1
+ * if the seal is damaged (reported).
+ */
+static int
+read_seal (const char *path, const unsigned char *header,
+           struct mapfile_seal *seal)
+{
+  uint32_t crc, want;
+
+  if (get_le32 (header, OFF_SEAL) != MAPFILE_SEAL_MAGIC)
+    return 0;
+  crc = get_le32 (header, OFF_SEAL_CRC);
+  want = snap_crc32 (0, &header[OFF_SEAL], SEAL_LEN);
+  if (crc != want) {
+    snap_error ("%s: seal checksum 0x%08" PRIx32 " does not match "
+                "0x%08" PRIx32 " (the header is damaged)", path, crc, want);
+    return -1;
+  }
+  seal->nset = get_le64 (header, OFF_NSET);
+  seal->body_sum = get_le64 (header, OFF_BODY_SUM);
+  seal->extra[0] = get_le64 (header, OFF_EXTRA);
+  seal->extra[1] = get_le64 (header, OFF_EXTRA + 8);
+  return 1;
+}
+
+/*----------------------------------------------------------------
  * Open and load
  */
 
@@ -359,9 +462,23 @@ mapfile_open (const char *path, uint32_t kind,
               uint32_t granularity, uint64_t nbits,
               int writable, struct sbitmap *bm)
 {
+  struct mapfile_seal seal;
+  bool sealed;
+
+  return mapfile_open_sealed (path, kind, granularity, nbits, writable, bm,
+                              &sealed, &seal);
+}
+
+int
+mapfile_open_sealed (const char *path, uint32_t kind,
+                     uint32_t granularity, uint64_t nbits,
+                     int writable, struct sbitmap *bm,
+                     bool *sealed, struct mapfile_seal *seal)
+{
   unsigned char header[MAPFILE_HEADER_SIZE];
+  struct mapfile_seal now;
   struct stat st;
-  int fd;
+  int fd, r;
 
   memset (bm, 0, sizeof *bm);
   fd = open (path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
@@ -385,6 +502,16 @@ mapfile_open (const char *path, uint32_t kind,
   }
   if (check_header (path, header, kind, granularity, nbits) == -1)
     goto err;
+  if (st.st_size < page_offset (npages_for (nbits))) {
+    snap_error ("%s: file is truncated: %jd bytes, expected %jd (the map "
+                "is damaged)", path, (intmax_t) st.st_size,
+                (intmax_t) page_offset (npages_for (nbits)));
+    goto err;
+  }
+  r = read_seal (path, header, seal);
+  if (r == -1)
+    goto err;
+  *sealed = r == 1;
 
   if (sbitmap_init (bm, nbits) == -1) {
     snap_error ("%s: cannot allocate a bitmap of %" PRIu64 " bits: %m",
@@ -393,6 +520,16 @@ mapfile_open (const char *path, uint32_t kind,
   }
   if (load_bitmap (path, fd, st.st_size, bm) == -1)
     goto err;
+  if (*sealed) {
+    mapfile_seal_compute (bm, &now);
+    if (now.nset != seal->nset || now.body_sum != seal->body_sum) {
+      snap_error ("%s: the bitmap does not match its seal (%" PRIu64
+                  " bits set, %" PRIu64 " when sealed%s): the map is "
+                  "damaged", path, now.nset, seal->nset,
+                  now.nset == seal->nset ? ", and the pages differ" : "");
+      goto err;
+    }
+  }
   return fd;
 
  err:

@@ -10,12 +10,32 @@
  *     20  reserved    u32      0
  *     24  nbits       u64      number of bits
  *     32  crc         u32      CRC-32 (util.h) of bytes 0..31
- *     36  zero to 4096
+ *     36  zero
+ *     40  seal        u32      MAPFILE_SEAL_MAGIC if sealed, else 0
+ *     44  reserved    u32      0
+ *     48  nset        u64      sealed: number of bits set
+ *     56  body_sum    u64      sealed: checksum of the pages (below)
+ *     64  extra[2]    u64      sealed: the caller's own figures
+ *     80  seal_crc    u32      CRC-32 of bytes 40..79
+ *     84  zero to 4096
  *   offset 4096 + p * 4096   page p of the bitmap (sbitmap.h order)
  *
  * The file is sparse: pages never written are holes and read as zero,
  * so creating a map for a huge volume is O(1) and loading skips holes
- * with SEEK_DATA / SEEK_HOLE.
+ * with SEEK_DATA / SEEK_HOLE.  Its size is always the header plus every
+ * page, so a shorter file has been truncated.
+ *
+ * The seal.  The pages change in place while a map is in use, and a
+ * checksum kept with each page could be torn from it by a crash.  So
+ * a map is sealed once it stops changing (at a clean stop, say): the
+ * seal records how many bits are set and body_sum, the sum over every
+ * page holding a set bit of mix (p, CRC-32 of its bytes), so a flipped
+ * bit, a zeroed or lost page, or a truncated file no longer matches.
+ * A writer clears the seal (durably) before it changes a sealed map.
+ * mapfile_open checks the seal of a sealed map; an unsealed one
+ * (changed since, or left by a crash) is only checked for its size.
+ * Clearing and checking cost a header write and a pass over the pages
+ * already read at load: nothing per write.
  *
  * Durability protocol (see docs/store-format.md): a writer sets bits in
  * memory (sbitmap_set); mapfile_collect takes the dirty pages; the
@@ -31,6 +51,7 @@
 #ifndef SNAP_MAPFILE_H
 #define SNAP_MAPFILE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -64,6 +85,42 @@ extern int mapfile_open (const char *path, uint32_t kind,
                          uint32_t granularity, uint64_t nbits,
                          int writable, struct sbitmap *bm)
   __attribute__ ((__nonnull__ (1, 6)));
+
+/* What a seal records.  extra[] is the caller's (the filter keeps the
+ * holes of a layer's data file there); mapfile_open only returns it.
+ */
+struct mapfile_seal {
+  uint64_t nset;
+  uint64_t body_sum;
+  uint64_t extra[2];
+};
+
+/* The nset and body_sum of bm as it is now (extra is left alone). */
+extern void mapfile_seal_compute (const struct sbitmap *bm,
+                                  struct mapfile_seal *seal)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* Seal the map file fd with seal, or with seal NULL clear its seal;
+ * fdatasync either way.  Return 0, or -1 with errno set.
+ */
+extern int mapfile_set_seal (int fd, const struct mapfile_seal *seal);
+
+/* The same through fd if it is open (>= 0), else through the file
+ * path, opened for the call.
+ */
+extern int mapfile_set_seal_path (int fd, const char *path,
+                                  const struct mapfile_seal *seal)
+  __attribute__ ((__nonnull__ (2)));
+
+/* Like mapfile_open; also check the file's seal, if it has one, and
+ * report it: *sealed, and the seal in *seal.  A seal that does not
+ * match the pages is an error ("... does not match its seal").
+ */
+extern int mapfile_open_sealed (const char *path, uint32_t kind,
+                                uint32_t granularity, uint64_t nbits,
+                                int writable, struct sbitmap *bm,
+                                bool *sealed, struct mapfile_seal *seal)
+  __attribute__ ((__nonnull__ (1, 6, 7, 8)));
 
 /* The dirty pages of a bitmap taken by mapfile_collect. */
 struct mapfile_batch {

@@ -257,7 +257,7 @@ test_large_sparse (void)
   unlink (path);
 }
 
-/* Pages past end of file read as zero; pages after a hole load. */
+/* A short file is refused; pages after a hole load. */
 static void
 test_short_file_and_holes (void)
 {
@@ -282,20 +282,20 @@ test_short_file_and_holes (void)
   assert_equal (&bm, &loaded);
   sbitmap_free (&loaded);
 
-  /* Cut the file after page 5: pages 6-9 are now beyond the end. */
+  /* A file cut short (here after page 5), or down to its header, has
+   * lost pages: it is refused, whatever the pages held.
+   */
   assert (ftruncate (fd, MAPFILE_HEADER_SIZE + 6 * SBITMAP_PAGE_BYTES) == 0);
   assert (close (fd) == 0);
-  sbitmap_clear (&bm, 10 * PB - 1);
-  fd = mapfile_open (path, MAPFILE_KIND_LAYER, 65536, nbits, 0, &loaded);
-  assert (fd >= 0);
-  assert_equal (&bm, &loaded);
-  assert (close (fd) == 0);
-  sbitmap_free (&loaded);
-
-  /* Just the header. */
+  expect_open_fails (path, MAPFILE_KIND_LAYER, 65536, nbits,
+                     "file is truncated", "expected 45056", NULL);
   fd = open (path, O_RDWR);
   assert (fd >= 0);
   assert (ftruncate (fd, MAPFILE_HEADER_SIZE) == 0);
+  expect_open_fails (path, MAPFILE_KIND_LAYER, 65536, nbits,
+                     "file is truncated", "4096 bytes", NULL);
+  /* Back to full length: the pages are holes, and load as zero. */
+  assert (ftruncate (fd, MAPFILE_HEADER_SIZE + 10 * SBITMAP_PAGE_BYTES) == 0);
   assert (close (fd) == 0);
   fd = mapfile_open (path, MAPFILE_KIND_LAYER, 65536, nbits, 0, &loaded);
   assert (fd >= 0);
@@ -662,6 +662,84 @@ test_batches (void)
   unlink (path);
 }
 
+/* A sealed map loads only as sealed: a flipped bit, a zeroed page or
+ * a seal with a bad checksum is refused; an unsealed one loads.
+ */
+static void
+test_seal (void)
+{
+  const uint64_t nbits = 8 * PB;
+  const char *path = path_of ("seal.map");
+  struct sbitmap bm, loaded;
+  struct mapfile_seal seal, got;
+  bool sealed;
+  int fd;
+  uint64_t w;
+
+  unlink (path);
+  fd = mapfile_create (path, MAPFILE_KIND_DIRTY, 65536, nbits);
+  assert (fd >= 0);
+  assert (sbitmap_init (&bm, nbits) == 0);
+  sbitmap_set (&bm, 5);
+  sbitmap_set_range (&bm, 3 * PB - 7, 100);
+  flush (fd, &bm);
+  mapfile_seal_compute (&bm, &seal);
+  assert (seal.nset == 101);
+  seal.extra[0] = 7;
+  seal.extra[1] = 9;
+  assert (mapfile_set_seal (fd, &seal) == 0);
+  assert (close (fd) == 0);
+
+  /* Intact: loads, and reports the seal. */
+  fd = mapfile_open_sealed (path, MAPFILE_KIND_DIRTY, 65536, nbits, 0,
+                            &loaded, &sealed, &got);
+  assert (fd >= 0 && sealed);
+  assert (got.nset == 101 && got.body_sum == seal.body_sum);
+  assert (got.extra[0] == 7 && got.extra[1] == 9);
+  assert_equal (&bm, &loaded);
+  sbitmap_free (&loaded);
+  assert (close (fd) == 0);
+
+  /* Bits moved in page 2 (its last word held bits 57-63: the same
+   * number of bits, in other places).
+   */
+  w = htole64 (UINT64_C (0x7f) << 56);
+  poke (path, MAPFILE_HEADER_SIZE + 3 * SBITMAP_PAGE_BYTES - 8, &w, 8);
+  expect_open_fails (path, MAPFILE_KIND_DIRTY, 65536, nbits,
+                     "does not match its seal", "the pages differ", NULL);
+  /* A zeroed page: fewer bits. */
+  {
+    char zero[SBITMAP_PAGE_BYTES] = { 0 };
+    poke (path, MAPFILE_HEADER_SIZE + 2 * SBITMAP_PAGE_BYTES, zero,
+          sizeof zero);
+    expect_open_fails (path, MAPFILE_KIND_DIRTY, 65536, nbits,
+                       "does not match its seal", "bits set", NULL);
+  }
+  /* Unsealed, the same file loads as it is. */
+  fd = open (path, O_RDWR);
+  assert (fd >= 0);
+  assert (mapfile_set_seal (fd, NULL) == 0);
+  assert (close (fd) == 0);
+  fd = mapfile_open_sealed (path, MAPFILE_KIND_DIRTY, 65536, nbits, 0,
+                            &loaded, &sealed, &got);
+  assert (fd >= 0 && !sealed);
+  assert (sbitmap_count (&loaded) == 94);   /* page 2 held 7 */
+  sbitmap_free (&loaded);
+  assert (close (fd) == 0);
+  /* A seal whose own checksum is wrong. */
+  fd = open (path, O_RDWR);
+  assert (fd >= 0);
+  assert (mapfile_set_seal (fd, &seal) == 0);
+  assert (close (fd) == 0);
+  w = htole64 (102);
+  poke (path, 48, &w, 8);
+  expect_open_fails (path, MAPFILE_KIND_DIRTY, 65536, nbits,
+                     "seal checksum", "header is damaged", NULL);
+
+  sbitmap_free (&bm);
+  unlink (path);
+}
+
 int
 main (void)
 {
@@ -680,6 +758,7 @@ main (void)
   test_corruption ();
   test_create_errors ();
   test_batches ();
+  test_seal ();
 
   unlink (path_of ("bad.map"));
   assert (rmdir (dir) == 0);

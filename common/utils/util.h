@@ -30,6 +30,20 @@ is_power_of_2 (uint64_t v)
   return v != 0 && (v & (v - 1)) == 0;
 }
 
+/* A 64-bit mix of x (the splitmix64 finaliser): spreads every bit of
+ * x over the result, for checksums that add up many small values.
+ */
+static inline uint64_t
+snap_mix64 (uint64_t x)
+{
+  x ^= x >> 30;
+  x *= UINT64_C (0xbf58476d1ce4e5b9);
+  x ^= x >> 27;
+  x *= UINT64_C (0x94d049bb133111eb);
+  x ^= x >> 31;
+  return x;
+}
+
 /* Error reporting used by common/ code.  Each program (the filter,
  * nbdsnap, the unit tests) provides its own definition: the filter
  * forwards to nbdkit_verror, nbdsnap prints "nbdsnap: ...".

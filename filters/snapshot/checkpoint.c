@@ -153,6 +153,42 @@ ckpt_map_close_file (struct ckpt_map *d)
   d->fd = -1;
 }
 
+/* Set (or with seal NULL clear) the seal of d's file. */
+static int
+seal_file (struct ckpt_map *d, const struct mapfile_seal *seal)
+{
+  CLEANUP_FREE char *path = ckpt_map_path (d->id);
+
+  if (path == NULL)
+    return -1;
+  return mapfile_set_seal_path (d->fd, path, seal);
+}
+
+int
+ckpt_map_unseal (struct ckpt_map *d)
+{
+  if (!d->sealed)
+    return 0;
+  if (seal_file (d, NULL) == -1)
+    return -1;
+  d->sealed = false;
+  return 0;
+}
+
+int
+ckpt_map_seal (struct ckpt_map *d)
+{
+  struct mapfile_seal seal = { .nset = 0 };
+
+  if (d->sealed)
+    return 0;
+  mapfile_seal_compute (&d->bm, &seal);
+  if (seal_file (d, &seal) == -1)
+    return -1;
+  d->sealed = true;
+  return 0;
+}
+
 void
 ckpt_map_free (struct ckpt_map *d)
 {
@@ -170,13 +206,20 @@ ckpt_map_open (uint64_t id, bool active)
 {
   CLEANUP_FREE char *path = ckpt_map_path (id);
   struct ckpt_map *d = ckpt_map_alloc (id);
+  struct mapfile_seal seal;
 
   if (d == NULL || path == NULL)
     goto err;
-  d->fd = mapfile_open (path, MAPFILE_KIND_DIRTY, store.block_size,
-                        store.nblocks, active, &d->bm);
+  d->fd = mapfile_open_sealed (path, MAPFILE_KIND_DIRTY, store.block_size,
+                               store.nblocks, active, &d->bm, &d->sealed,
+                               &seal);
   if (d->fd == -1)
     goto err;
+  /* The active map takes bits from now on. */
+  if (active && ckpt_map_unseal (d) == -1) {
+    nbdkit_error ("%s: clearing the seal: %m", path);
+    goto err;
+  }
   if (!active) {
     close (d->fd);
     d->fd = -1;
@@ -498,7 +541,7 @@ ckpt_fold (size_t i)
     return 0;                   /* Nothing older needs its bits. */
   older = store.maps[i - 1];
   opath = ckpt_map_path (older->id);
-  if (opath == NULL)
+  if (opath == NULL || ckpt_map_unseal (older) == -1)
     return -1;
   b = sbitmap_find_next_set (&d->bm, 0);
   while (b < store.nblocks) {

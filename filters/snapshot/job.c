@@ -649,7 +649,7 @@ pace_step (struct job *j, struct pace *pc, uint64_t bytes)
     return;
   now = now_ns ();
   req = __atomic_load_n (&client_requests, __ATOMIC_RELAXED);
-  if (req != pc->requests) {
+  if (req != pc->requests || snapshot_debug_job_busy) {
     pc->requests = req;
     pc->busy_ns = now;
   }
@@ -762,8 +762,19 @@ static int
 job_scan (struct job *j)
 {
   struct flusher f;
-  bool flushing = flusher_start (&f, j);
+  bool flushing;
   int r, err;
+
+  /* The layer the job fills must not keep a seal that its changes
+   * would break.
+   */
+  {
+    ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    struct layer *l = job_target (j);
+    if (l && layer_unseal (l) == -1)
+      return -1;
+  }
+  flushing = flusher_start (&f, j);
 
   r = job_copy (j, flushing ? &f : NULL);
   err = errno;

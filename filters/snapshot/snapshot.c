@@ -50,6 +50,12 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_verbose = 0;
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_job_delay = 0;
 
+/* -D snapshot.job_busy=1: jobs take clients to be busy all the time
+ * (so tests can check snapshot-job-rate without depending on how fast
+ * a client manages to send requests).
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_job_busy = 0;
+
 /* -D snapshot.intent_clear_ms=MS: the least time between two clears of
  * the write-intent regions on client flushes (intent.c).
  */

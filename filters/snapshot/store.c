@@ -123,6 +123,87 @@ layer_alloc (uint64_t id)
   return l;
 }
 
+/* The pages l holds that are holes in its data file (wholly): their
+ * number, and a sum over their runs.  Costs two lseek calls per hole.
+ */
+static int
+layer_holes (struct layer *l, uint64_t *count, uint64_t *sum)
+{
+  const off_t end = store.size;
+  off_t pos = 0;
+
+  *count = *sum = 0;
+  while (pos < end) {
+    off_t hole = lseek (l->data_fd, pos, SEEK_HOLE), data;
+    uint64_t p, q;
+
+    if (hole == -1)
+      return errno == ENXIO ? 0 : -1;
+    if (hole >= end)
+      break;
+    data = lseek (l->data_fd, hole, SEEK_DATA);
+    if (data == -1) {
+      if (errno != ENXIO)
+        return -1;
+      data = end;
+    }
+    if (data > end)
+      data = end;
+    p = ((uint64_t) hole + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
+    q = data == end ? store.npages : (uint64_t) data >> PAGE_SHIFT;
+    while (p < q) {
+      uint64_t s = sbitmap_find_next_set (&l->map, p), e;
+      if (s >= q)
+        break;
+      e = MIN (q, sbitmap_find_next_clear (&l->map, s));
+      *count += e - s;
+      *sum += snap_mix64 (s) ^ snap_mix64 (~e);
+      p = e;
+    }
+    pos = data;
+  }
+  return 0;
+}
+
+/* Set (or with seal NULL clear) the seal of l's map file. */
+static int
+layer_set_seal (struct layer *l, const struct mapfile_seal *seal)
+{
+  CLEANUP_FREE char *path = layer_path (l->id, "map");
+
+  if (path == NULL)
+    return -1;
+  return mapfile_set_seal_path (l->map_fd, path, seal);
+}
+
+int
+layer_unseal (struct layer *l)
+{
+  if (!l->sealed)
+    return 0;
+  if (layer_set_seal (l, NULL) == -1)
+    return -1;
+  l->sealed = false;
+  return 0;
+}
+
+int
+layer_seal (struct layer *l)
+{
+  struct mapfile_seal seal;
+
+  if (l->sealed)
+    return 0;
+  if (layer_flush (l) == -1)
+    return -1;
+  mapfile_seal_compute (&l->map, &seal);
+  if (layer_holes (l, &seal.extra[0], &seal.extra[1]) == -1 ||
+      layer_set_seal (l, &seal) == -1)
+    return -1;
+  l->sealed = true;
+  return 0;
+}
+
 /* Open existing layer id.  The newest layer keeps its map writable. */
 static struct layer *
 layer_open (uint64_t id, bool newest)
@@ -130,6 +211,7 @@ layer_open (uint64_t id, bool newest)
   CLEANUP_FREE char *data = layer_path (id, "data");
   CLEANUP_FREE char *map = layer_path (id, "map");
   struct layer *l = layer_alloc (id);
+  struct mapfile_seal seal;
   struct stat st;
 
   if (l == NULL || data == NULL || map == NULL)
@@ -145,10 +227,31 @@ layer_open (uint64_t id, bool newest)
                   data, (int64_t) st.st_size, store.size);
     goto err;
   }
-  l->map_fd = mapfile_open (map, MAPFILE_KIND_LAYER, PAGE_SIZE_BYTES,
-                            store.npages, newest, &l->map);
+  l->map_fd = mapfile_open_sealed (map, MAPFILE_KIND_LAYER, PAGE_SIZE_BYTES,
+                                   store.npages, newest, &l->map, &l->sealed,
+                                   &seal);
   if (l->map_fd == -1)
     goto err;
+  if (l->sealed) {
+    uint64_t holes, sum;
+    if (layer_holes (l, &holes, &sum) == -1) {
+      nbdkit_error ("%s: looking for holes: %m", data);
+      goto err;
+    }
+    if (holes != seal.extra[0] || sum != seal.extra[1]) {
+      nbdkit_error ("%s: %" PRIu64 " of the pages the layer holds are "
+                    "holes in its data file, %" PRIu64 " were when it was "
+                    "sealed%s: the layer's data is damaged",
+                    data, holes, seal.extra[0],
+                    holes == seal.extra[0] ? " (at other places)" : "");
+      goto err;
+    }
+  }
+  /* The newest layer takes writes from now on. */
+  if (newest && layer_unseal (l) == -1) {
+    nbdkit_error ("%s: clearing the seal: %m", map);
+    goto err;
+  }
   if (!newest) {
     close (l->map_fd);
     l->map_fd = -1;
@@ -667,15 +770,37 @@ store_open (uint64_t origin_size)
   return 0;
 }
 
+/* Seal every layer and map that is not (a clean stop: nothing changes
+ * them until the next start, which checks them).
+ */
+static void
+store_seal_all (void)
+{
+  for (size_t i = 0; i < store.nlayers; ++i)
+    if (layer_seal (store.layers[i]) == -1)
+      nbdkit_error ("snapshot: sealing layer %" PRIu64 ": %m",
+                    store.layers[i]->id);
+  for (size_t i = 0; i < store.m.nckpts; ++i)
+    if (ckpt_map_seal (store.maps[i]) == -1)
+      nbdkit_error ("snapshot: sealing dirty map %" PRIu64 ": %m",
+                    store.maps[i]->id);
+}
+
 void
 store_close (void)
 {
+  bool persisted = false;
+
   if (store.nlayers > 0 && layer_flush (store.layers[store.nlayers - 1]) == -1)
     nbdkit_error ("snapshot: flushing the newest layer: %m");
   if (store.maps && ckpt_persist_active () == -1)
     nbdkit_error ("snapshot: saving the active dirty map: %m");
   else if (store.maps && intent_clear (false) == -1)
     nbdkit_error ("snapshot: clearing the write-intent regions: %m");
+  else
+    persisted = store.maps != NULL;
+  if (persisted)
+    store_seal_all ();
   intent_close ();
   for (size_t i = 0; store.maps && i < store.m.nckpts; ++i)
     ckpt_map_free (store.maps[i]);

@@ -74,6 +74,8 @@ struct layer {
   unsigned data_dirty;          /* atomic: data written since last flush */
   struct sbitmap regions;       /* regions of LAYER_REGION_BYTES allocated
                                    whole (view.c, top_region) */
+  bool sealed;                  /* its map file is sealed (mapfile.h):
+                                   unseal before changing the layer */
 };
 
 /* The region a layer's data file is allocated ahead by (view.c). */
@@ -94,6 +96,7 @@ struct ckpt_map {
   bool busy;                    /* a write is running */
   bool unsynced;                /* pages written but not yet synced */
   unsigned refs;                /* atomic: connections using it */
+  bool sealed;                  /* its file is sealed (mapfile.h) */
 };
 
 /* A background job (job.c). */
@@ -170,6 +173,7 @@ extern uint64_t job_rate_param;
 extern uint64_t client_requests;
 extern int snapshot_debug_verbose;
 extern int snapshot_debug_job_delay;
+extern int snapshot_debug_job_busy;
 extern int snapshot_debug_intent_clear_ms;
 
 /* Lock DIR (creating it if needed).  Called before forking so a second
@@ -221,6 +225,16 @@ extern size_t store_snapshot_depth (const struct manifest_checkpoint *s)
 extern char *layer_path (uint64_t id, const char *ext);
 extern struct layer *layer_create (uint64_t id);
 extern void layer_free (struct layer *l);
+
+/* Seals (mapfile.h).  A layer's seal also keeps the pages it holds
+ * that are holes in its data file (zeroed or trimmed), so that a hole
+ * punched into its data from outside is found at the next start.
+ * layer_unseal clears the seal of l before anything changes it (a
+ * no-op when unsealed); layer_seal flushes l and seals it.  Return 0,
+ * or -1 with errno set.
+ */
+extern int layer_unseal (struct layer *l) __attribute__ ((__nonnull__ (1)));
+extern int layer_seal (struct layer *l) __attribute__ ((__nonnull__ (1)));
 
 /* Make the writes to layer l durable (see "Ordering" above).  Return 0,
  * or -1 with errno set.
@@ -290,6 +304,14 @@ extern struct ckpt_map *ckpt_map_create (uint64_t id);
 extern void ckpt_map_free (struct ckpt_map *d);
 /* Unmap and close the map's file (when it stops being active). */
 extern void ckpt_map_close_file (struct ckpt_map *d);
+
+/* Clear d's seal before changing it; seal it as it is (after it was
+ * persisted).  Return 0, or -1 with errno set.
+ */
+extern int ckpt_map_unseal (struct ckpt_map *d)
+  __attribute__ ((__nonnull__ (1)));
+extern int ckpt_map_seal (struct ckpt_map *d)
+  __attribute__ ((__nonnull__ (1)));
 
 /* Write every bit set so far in d to its file, and with sync make it
  * durable (group commit).
