@@ -86,16 +86,7 @@ with open(sys.argv[1], 'r+b') as f:
 # the store is put back as it was.
 refused ()
 {
-    local status=0
-    rm -f $tmp/bad.pid $tmp/bad.sock
-    nbdkit -f -P $tmp/bad.pid -U $tmp/bad.sock --filter=$FILTER \
-           file $origin snapshot-store=$store 2> $tmp/err &
-    local pid=$!
-    cleanup_fn _stop_nbdkit $pid KILL
-    wait $pid || status=$?
-    cat $tmp/err
-    [ $status -ne 0 ] || fail "nbdkit started on a damaged store ($1)"
-    grep -F -- "$1" $tmp/err || fail "the error does not say: $1"
+    start_fails "$1" $origin snapshot-store=$store
     rm -rf $store
     cp -a $tmp/good $store
 }

@@ -39,39 +39,6 @@ section ()
     make_origin $origin 8M
 }
 
-# must_not_start WANT ARGS...: nbdkit (in the foreground) with the
-# filter on the file plugin serving $origin, and ARGS, must exit with
-# an error, saying WANT (a fixed string) on stderr, which is left in
-# $tmp/err.  As bad_params in test-snapshot-bad-input.sh: the store
-# is opened in .after_fork, so this does not use --run.
-must_not_start ()
-{
-    local want="$1" pid i status=0
-    shift
-    rm -f $tmp/bad.pid
-    if [ -S $tmp/bad.sock ]; then rm -f $tmp/bad.sock; fi
-    nbdkit -f -P $tmp/bad.pid -U $tmp/bad.sock --filter=$FILTER \
-           file $origin "$@" 2> $tmp/err &
-    pid=$!
-    cleanup_fn _stop_nbdkit $pid KILL
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 $pid 2>/dev/null || break
-        if nbdinfo --can connect "$(nbd_uri $tmp/bad.sock)" 2>/dev/null
-        then
-            cat $tmp/err
-            _stop_nbdkit $pid
-            fail "nbdkit accepted: $*"
-        fi
-        sleep 0.1
-    done
-    [ $i -lt 600 ] || fail "nbdkit neither started nor exited: $*"
-    wait $pid || status=$?
-    cat $tmp/err
-    [ $status -ne 0 ] || fail "nbdkit exited with status 0: $*"
-    grep -F -- "$want" $tmp/err ||
-        fail "nbdkit $*: error does not say: $want"
-}
-
 # nbdsnap_refuses WANT ARGS...: nbdsnap ARGS must fail, saying WANT
 # (a fixed string) on stderr.
 nbdsnap_refuses ()
@@ -142,7 +109,7 @@ stop_nbdkit $nbdkit_pid
 store_sums $tmp/p1.sums
 
 mv $store/manifest $tmp/p1.manifest
-must_not_start "no manifest" snapshot-store=$store
+start_fails "no manifest" $origin snapshot-store=$store
 check_sums $tmp/p1.sums
 # (A fresh manifest there would make the next start wipe the store.)
 [ ! -e $store/manifest ] || fail "the refused start wrote a manifest"
@@ -312,7 +279,7 @@ with open(path, "wb") as f:
     f.write(text + b"crc 0x%08x\n" % zlib.crc32(text))
 EOF
 cat $store/manifest
-must_not_start "the store is damaged" snapshot-store=$store
+start_fails "the store is damaged" $origin snapshot-store=$store
 if grep -F "Assertion" $tmp/err; then
     fail "start-up on a damaged manifest ended in an assertion"
 fi
@@ -322,7 +289,7 @@ fi
 
 section p7
 truncate -s 0 $origin
-must_not_start "empty" snapshot-store=$store
+start_fails "empty" $origin snapshot-store=$store
 
 # ----------------------------------------------------------------------
 # 8. Every store file is 0600, even in a store directory made 0755

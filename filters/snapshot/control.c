@@ -230,7 +230,7 @@ cmd_create (const struct json *req)
   if (v && !json_get_bool (req, "bitmap_only", &bitmap_only))
     return error_reply ("invalid request: \"bitmap_only\" must be true "
                         "or false");
-  i = store_create_checkpoint (name, bitmap_only, flush_origin_bg, &errmsg);
+  i = store_create_checkpoint (name, bitmap_only, origin_flush, &errmsg);
   if (i == -1)
     return error_reply ("%s", errmsg ? errmsg : "out of memory");
   {

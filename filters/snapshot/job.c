@@ -126,47 +126,6 @@ pages_bytes (uint64_t pages)
 
 /* ---- Copying ---- */
 
-/* Read page-aligned [off, off+len) of the origin. */
-static int
-origin_pread (void *buf, uint32_t len, uint64_t off)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
-  int err = 0;
-
-  if (bg_next->pread (bg_next, buf, len, off, 0, &err) == -1) {
-    errno = err ? err : EIO;
-    return -1;
-  }
-  return 0;
-}
-
-static int
-origin_pwrite (const void *buf, uint32_t len, uint64_t off)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
-  int err = 0;
-
-  if (bg_next->pwrite (bg_next, buf, len, off, 0, &err) == -1) {
-    errno = err ? err : EIO;
-    return -1;
-  }
-  return 0;
-}
-
-static int
-origin_flush (void)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
-  int err = 0;
-
-  if (bg_next->can_flush (bg_next) &&
-      bg_next->flush (bg_next, 0, &err) == -1) {
-    errno = err ? err : EIO;
-    return -1;
-  }
-  return 0;
-}
-
 /* Copying goes by runs of consecutive pages (at most a chunk), so a
  * chunk costs a few large reads and writes rather than one per page.
  */
@@ -397,20 +356,13 @@ struct flusher {
 static int
 flusher_sync (struct flusher *f)
 {
-  int err = 0;
-
   /* A layer: its data, then its map, which is the job's progress. */
   if (f->l) {
     ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
     return layer_flush_fd (f->l, f->fd);
   }
   /* Without bg_lock: only started when the plugin is parallel. */
-  if (bg_next->can_flush (bg_next) == 1 &&
-      bg_next->flush (bg_next, 0, &err) == -1) {
-    errno = err ? err : EIO;
-    return -1;
-  }
-  return 0;
+  return origin_flush_unlocked ();
 }
 
 /* What the job wrote, once on disk, may leave the page cache: a merge
@@ -492,7 +444,7 @@ flusher_start (struct flusher *f, struct job *j)
     ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
     f->l = job_target (j);
   }
-  if (f->l == NULL && !bg_parallel)
+  if (f->l == NULL && !origin_parallel ())
     return false;
   /* A descriptor of its own: a failed write-back reports its error once
    * per open file, and clients share the layer's data_fd (a revert, a
@@ -962,11 +914,18 @@ finish_delete (struct job *j, char **errmsg)
     }
     else {
       store.m.origin_retired = true;
+      store.m.has_sample = store.m.has_origin_file = false;
       if (j->output[0] &&
           give_output_name (store.layers[j->upper], j->output) == -1)
         goto err_restore;
     }
   }
+  /* A commit into the origin that leaves a layer freezes it again (the
+   * job has synced it).
+   */
+  if (j->strategy == STRATEGY_COMMIT && j->lower < 0 &&
+      store.m.nlayers > 0 && origin_freeze () == -1)
+    goto err_restore;
 
   /* Bits set in memory only while a snapshot was the newest checkpoint
    * must be on disk before it stops being one (store.maps still matches
@@ -1391,6 +1350,11 @@ job_start_delete (const char *name, int strategy, const char *output,
     strcpy (j->output, output);
   j->commit_bytes = *commit_bytes;
   j->stream_bytes = *stream_bytes;
+  /* A commit into the origin writes it: its sample goes first, in the
+   * manifest that starts the job.
+   */
+  if (strategy == STRATEGY_COMMIT && lo < 0)
+    origin_thaw ();
   /* A commit needs upper quiet: if clients write it, start a new top. */
   return job_launch (j, strategy == STRATEGY_COMMIT &&
                      up == store.nlayers - 1, errmsg);

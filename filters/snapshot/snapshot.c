@@ -27,6 +27,7 @@ const char *store_param;
 const char *control_param;
 const char *create_param;
 uint32_t block_size_param;
+bool adopt_origin_param;
 /* 256 MiB/s: with 4K random reads going on, that kept their p99 within
  * about twice its idle figure here (docs/benchmarks.md), where a job
  * copying at full speed tripled it.
@@ -65,18 +66,6 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_intent_clear_ms = 5000;
  * origin to take a second connection (probe_origin).
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_origin_probe_ms = 10000;
-
-/* A context on the plugin opened in .after_fork, used by the control
- * thread (to flush the origin when the first snapshot freezes it).
- * Protected by bg_lock.
- */
-nbdkit_next *bg_next;
-pthread_mutex_t bg_lock = PTHREAD_MUTEX_INITIALIZER;
-static bool bg_writable;        /* bg_next was opened read-write */
-/* nbdkit runs the plugin in the parallel thread model: bg_next may
- * then be called from two threads at once (a job's flusher).
- */
-bool bg_parallel;
 
 /* common/ code reports errors through these. */
 void
@@ -150,6 +139,16 @@ snapshot_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     control_param = value;
     return 0;
   }
+  if (strcmp (key, "snapshot-adopt-origin") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1) {
+      nbdkit_error ("snapshot-adopt-origin=%s: expected true or false",
+                    value);
+      return -1;
+    }
+    adopt_origin_param = r;
+    return 0;
+  }
   if (strcmp (key, "snapshot-create") == 0) {
     const char *why = snap_name_invalid (value);
     if (why) {
@@ -160,6 +159,8 @@ snapshot_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     create_param = value;
     return 0;
   }
+  /* The plugin's parameters identify the origin (file=PATH). */
+  origin_note_config (key, value);
   return next (nxdata, key, value);
 }
 
@@ -181,7 +182,9 @@ snapshot_config_complete (nbdkit_next_config_complete *next,
   "snapshot-control=SOCKET    Control socket (default DIR/control.sock).\n" \
   "snapshot-job-rate=SIZE     Job copy rate per second while clients do I/O\n" \
   "                           (default 256M; 0 = no limit).\n" \
-  "snapshot-create=NAME       Take snapshot NAME at start-up."
+  "snapshot-create=NAME       Take snapshot NAME at start-up.\n" \
+  "snapshot-adopt-origin=true Accept an origin that does not match the\n" \
+  "                           store (moved or replaced on purpose)."
 
 static int
 snapshot_thread_model (void)
@@ -193,7 +196,7 @@ snapshot_thread_model (void)
 static int
 snapshot_get_ready (int thread_model)
 {
-  bg_parallel = thread_model == NBDKIT_THREAD_MODEL_PARALLEL;
+  origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   if (store_lock (store_param) == -1 || store_load () == -1)
     return -1;
   /* Refuse a duplicate before forking, so the command line says so. */
@@ -212,178 +215,7 @@ snapshot_get_ready (int thread_model)
   return control_listen (control_param);
 }
 
-/* nbdkit 1.32 does not tell filters about -r, and the background
- * context is opened before any connection says: read it from our own
- * command line.  nbdkit options that take an argument are skipped with
- * it; the first operand (the plugin) ends the options.
- */
-static bool
-server_readonly (void)
-{
-  static const char with_arg[] = "DegiPptUu";
-  static const char *const long_with_arg[] = {
-    "--debug", "--exportname", "--filter", "--group", "--ipaddr", "--log",
-    "--mask-handshake", "--pidfile", "--port", "--run", "--selinux-label",
-    "--threads", "--timeout", "--tls", "--tls-certificates", "--tls-psk",
-    "--tls-verify-peer", "--unix", "--user", "--vsock", NULL
-  };
-  CLEANUP_FREE char *buf = NULL;
-  size_t len = 0;
-  FILE *fp = fopen ("/proc/self/cmdline", "r");
-  bool ro = false;
-
-  if (fp == NULL)
-    return false;
-  if (getdelim (&buf, &len, '\0', fp) == -1) {   /* argv[0] */
-    fclose (fp);
-    return false;
-  }
-  while (getdelim (&buf, &len, '\0', fp) != -1) {
-    if (strcmp (buf, "-r") == 0 || strcmp (buf, "--readonly") == 0 ||
-        strcmp (buf, "--read-only") == 0) {
-      ro = true;
-      continue;
-    }
-    if (strncmp (buf, "--", 2) == 0) {
-      if (strcmp (buf, "--") == 0)
-        break;
-      if (strchr (buf, '=') == NULL)
-        for (size_t i = 0; long_with_arg[i]; ++i)
-          if (strcmp (buf, long_with_arg[i]) == 0) {
-            if (getdelim (&buf, &len, '\0', fp) == -1)
-              goto out;
-            break;
-          }
-      continue;
-    }
-    if (buf[0] != '-' || buf[1] == '\0')
-      break;                    /* The plugin name: options end. */
-    for (size_t i = 1; buf[i]; ++i) {
-      if (buf[i] == 'r')
-        ro = true;
-      if (strchr (with_arg, buf[i])) {
-        if (buf[i + 1] == '\0' && getdelim (&buf, &len, '\0', fp) == -1)
-          goto out;
-        break;
-      }
-    }
-  }
- out:
-  fclose (fp);
-  return ro;
-}
-
-bool
-origin_writable (void)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
-
-  return bg_writable && !server_readonly ();
-}
-
-int
-flush_origin_bg (void)
-{
-  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
-  int err = 0;
-
-  if (bg_next == NULL || !bg_next->can_flush (bg_next))
-    return 0;
-  if (bg_next->flush (bg_next, 0, &err) == -1) {
-    errno = err;
-    return -1;
-  }
-  return 0;
-}
-
 static int open_store (nbdkit_backend *backend);
-
-/* The filter keeps a context of its own on the plugin (bg_next) beside
- * the clients' ones.  An origin that serves one connection at a time
- * would leave every client waiting for ever behind it: qemu-nbd with
- * its default --shared=1 queues a second connection without ever
- * answering it, and the nbd plugin, unless shared=true, opens one
- * connection per context.  So at start-up open a second context from
- * a thread of its own, and refuse to start if it does not open within
- * snapshot_debug_origin_probe_ms.
- */
-struct probe {
-  nbdkit_backend *backend;
-  pthread_mutex_t lock;
-  pthread_cond_t cond;
-  bool done;
-  bool abandoned;               /* timed out: the thread frees it */
-};
-
-static void *
-probe_main (void *arg)
-{
-  struct probe *p = arg;
-  nbdkit_next *ctx = nbdkit_next_context_open (p->backend, 1, "", 0);
-  bool abandoned;
-
-  if (ctx)
-    nbdkit_next_context_close (ctx);
-  pthread_mutex_lock (&p->lock);
-  p->done = true;
-  abandoned = p->abandoned;
-  pthread_cond_signal (&p->cond);
-  pthread_mutex_unlock (&p->lock);
-  if (abandoned)
-    free (p);
-  return NULL;
-}
-
-static int
-probe_origin (nbdkit_backend *backend)
-{
-  struct probe *p = calloc (1, sizeof *p);
-  struct timespec deadline;
-  pthread_t thread;
-  bool done;
-  int err;
-
-  if (p == NULL) {
-    nbdkit_error ("calloc: %m");
-    return -1;
-  }
-  p->backend = backend;
-  pthread_mutex_init (&p->lock, NULL);
-  pthread_cond_init (&p->cond, NULL);
-  err = pthread_create (&thread, NULL, probe_main, p);
-  if (err) {
-    free (p);
-    return 0;                   /* no probe: go on as before */
-  }
-  pthread_detach (thread);
-  clock_gettime (CLOCK_REALTIME, &deadline);
-  deadline.tv_sec += snapshot_debug_origin_probe_ms / 1000;
-  deadline.tv_nsec += snapshot_debug_origin_probe_ms % 1000 * 1000000L;
-  if (deadline.tv_nsec >= 1000000000) {
-    deadline.tv_sec++;
-    deadline.tv_nsec -= 1000000000;
-  }
-  pthread_mutex_lock (&p->lock);
-  while (!p->done &&
-         pthread_cond_timedwait (&p->cond, &p->lock, &deadline) == 0)
-    ;
-  done = p->done;
-  p->abandoned = !done;
-  pthread_mutex_unlock (&p->lock);
-  if (done) {
-    free (p);
-    return 0;
-  }
-  nbdkit_error ("snapshot: the origin did not take a second connection "
-                "within %d ms: the filter needs one of its own besides the "
-                "clients' (for flushes and jobs), and with an origin that "
-                "serves one connection at a time every client would wait "
-                "for ever.  If the origin is qemu-nbd, start it with "
-                "--shared=0 (or --shared=N with N > 1); or give the nbd "
-                "plugin shared=true",
-                snapshot_debug_origin_probe_ms);
-  return -1;
-}
 
 static int
 snapshot_after_fork (nbdkit_backend *backend)
@@ -405,34 +237,9 @@ open_store (nbdkit_backend *backend)
   int64_t size;
   char *errmsg;
 
-  /* Prefer a writable context so a flush reaches the origin; a
-   * read-only plugin still works (the origin is never written once a
-   * snapshot exists).
-   */
-  bg_next = nbdkit_next_context_open (backend, 0, "", 0);
-  bg_writable = bg_next != NULL;
-  if (bg_next == NULL)
-    bg_next = nbdkit_next_context_open (backend, 1, "", 0);
-  if (bg_next == NULL) {
-    nbdkit_error ("snapshot: cannot open the origin");
-    return -1;
-  }
-  if (bg_next->prepare (bg_next) == -1) {
-    nbdkit_next_context_close (bg_next);
-    bg_next = NULL;
-    return -1;
-  }
-  if (probe_origin (backend) == -1)
-    return -1;
-  size = bg_next->get_size (bg_next);
-  if (size == -1)
-    return -1;
-  /* nbdkit checks a context's capabilities before data calls: ask now. */
-  if (bg_writable && bg_next->can_write (bg_next) != 1)
-    bg_writable = false;
-  if (bg_next->can_flush (bg_next) == -1)
-    return -1;
-  if (store_open (size) == -1)
+  if (origin_open (backend, &size) == -1 ||
+      origin_identity_check (size, adopt_origin_param) == -1 ||
+      store_open (size) == -1 || origin_identity_open () == -1)
     return -1;
   /* An interrupted job resumes before anything else can be asked of
    * the store (a revert must be in place before a snapshot is taken or
@@ -441,7 +248,7 @@ open_store (nbdkit_backend *backend)
   if (job_resume () == -1)
     return -1;
   if (create_param) {
-    if (store_create_checkpoint (create_param, false, flush_origin_bg,
+    if (store_create_checkpoint (create_param, false, origin_flush,
                                  &errmsg) == -1) {
       nbdkit_error ("snapshot-create=%s: %s", create_param,
                     errmsg ? errmsg : "out of memory");
@@ -457,11 +264,8 @@ snapshot_cleanup (nbdkit_backend *backend)
 {
   control_stop ();
   job_stop ();
-  if (bg_next) {
-    bg_next->finalize (bg_next);
-    nbdkit_next_context_close (bg_next);
-    bg_next = NULL;
-  }
+  origin_identity_close ();
+  origin_close ();
   store_close ();
 }
 

@@ -934,6 +934,11 @@ store_create_checkpoint (const char *name, bool bitmap_only,
   d = ckpt_map_create (c.map);
   if (d == NULL)
     goto err_files;
+  /* The first snapshot freezes the origin: record its sample (after
+   * the flush above, so a crash cannot take the origin back from it).
+   */
+  if (l && store.nlayers == 0 && origin_freeze () == -1)
+    goto err_files;
   if (fsync_dir (store.dir) == -1 ||
       (l && manifest_add_layer (&store.m, c.layer) == -1) ||
       manifest_add_checkpoint (&store.m, &c) == -1 ||

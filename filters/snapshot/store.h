@@ -163,6 +163,7 @@ extern const char *store_param;
 extern const char *control_param;
 extern const char *create_param;
 extern uint32_t block_size_param;     /* 0 = not given */
+extern bool adopt_origin_param;       /* snapshot-adopt-origin=true */
 /* snapshot-job-rate: bytes per second a background job may copy while
  * clients are doing I/O (0 = no limit).
  */
@@ -174,6 +175,7 @@ extern uint64_t client_requests;
 extern int snapshot_debug_verbose;
 extern int snapshot_debug_job_delay;
 extern int snapshot_debug_job_busy;
+extern int snapshot_debug_origin_probe_ms;
 extern int snapshot_debug_intent_clear_ms;
 
 /* Lock DIR (creating it if needed).  Called before forking so a second
@@ -415,18 +417,56 @@ extern void control_job_ended (void);
 struct jw;
 extern void describe_checkpoint (struct jw *w, size_t i);
 
-/* The background context on the origin (snapshot.c), and the lock that
- * serialises its use.
+/* ---- origin.c: the plugin below the filter (see there) ---- */
+
+/* The filter's own context on the plugin, and the lock that serialises
+ * its use.
  */
 extern nbdkit_next *bg_next;
 extern pthread_mutex_t bg_lock;
-extern bool bg_parallel;
-extern int flush_origin_bg (void);
 
-/* Whether the origin can be written by a job: the background context
- * is writable and nbdkit was not started with -r.
+/* Whether nbdkit runs the plugin in the parallel thread model (then
+ * bg_next may be called from two threads at once).
+ */
+extern void origin_set_parallel (bool parallel);
+extern bool origin_parallel (void);
+
+/* Open the context (in .after_fork), make sure the origin takes a
+ * second connection, and get its size.  Return 0, or -1 after
+ * nbdkit_error.
+ */
+extern int origin_open (nbdkit_backend *backend, int64_t *size);
+extern void origin_close (void);
+
+/* Whether the origin can be written by a job: the context is writable
+ * and nbdkit was not started with -r.
  */
 extern bool origin_writable (void);
+
+/* Flush, read and write the origin through the context (with bg_lock;
+ * origin_flush_unlocked without it, for a parallel plugin).  Return 0,
+ * or -1 with errno set.
+ */
+extern int origin_flush (void);
+extern int origin_flush_unlocked (void);
+extern int origin_pread (void *buf, uint32_t len, uint64_t off);
+extern int origin_pwrite (const void *buf, uint32_t len, uint64_t off);
+
+/* Identity.  origin_note_config sees every plugin parameter (.config);
+ * origin_identity_check checks an origin of size bytes against the
+ * manifest at start-up, before the store is opened and changes (adopt:
+ * accept it); origin_identity_open records it once the store is open;
+ * origin_freeze records the sample in store.m when the origin stops
+ * being written, origin_thaw drops it before it may be (the caller
+ * saves the manifest, store.lock held exclusively);
+ * origin_identity_close records it at a clean stop.
+ */
+extern void origin_note_config (const char *key, const char *value);
+extern int origin_identity_check (int64_t size, bool adopt);
+extern int origin_identity_open (void);
+extern int origin_freeze (void);
+extern void origin_thaw (void);
+extern void origin_identity_close (void);
 
 /* ---- job.c ---- */
 
