@@ -374,3 +374,21 @@ jq -e '.job.kind == "revert" and .job.name == "s2" and .job.state == "done"' \
 [ "$(export_md5 $sock)" = "$(md5 $tmp/s2.img)" ] ||
     fail "the live volume is not s2 after revert --wait"
 nbdsnap -c $store --json jobs | jq -e 'all(.jobs[]; .state != "running")'
+
+# A revert's plan counts each page it copies once, however many layers
+# hold it: the same 4K page written after each of three snapshots, and
+# another page each time, make four pages to copy back.
+nbdsnap -c $store create r1
+for i in 1 2 3; do
+    nbdsh -u "$(nbd_uri $sock)" -c "
+h.pwrite(bytes([$i]) * 4096, 1 << 20)
+h.pwrite(bytes([$i]) * 4096, ($i + 2) << 20)
+h.flush()
+"
+    [ $i = 3 ] || nbdsnap -c $store create r1-$i
+done
+nbdsnap -c $store --json revert r1 --wait > $tmp/reply.json
+cat $tmp/reply.json
+jq -e '.job.state == "done" and .job.bytes_total == 4 * 4096 and
+       .job.bytes_done == .job.bytes_total' $tmp/reply.json ||
+    fail "the revert to r1 did not copy each changed page once"

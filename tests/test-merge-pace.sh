@@ -100,6 +100,17 @@ for i in 1 2 3 4 5; do
        '.bytes_done <= 2 * 1048576 + .elapsed_seconds * $rate' <<<"$js" ||
         fail "the job went faster than snapshot-job-rate: $js"
 done
+# The rate it reports is that of late: once a window of 0.5 s has
+# passed, at most the limit and two steps (2 MiB) over the window.
+elapsed_at_least () {
+    nbdsnap -c $store --json jobs | jq -e ".jobs[-1].elapsed_seconds >= $1"
+}
+wait_for elapsed_at_least 1.2
+js=$(nbdsnap -c $store --json jobs | jq -c '.jobs[-1]')
+echo "$js"
+jq -e --argjson rate $rate '.paced and .rate_bytes_per_second > 0 and
+       .rate_bytes_per_second <= 3 * $rate' <<<"$js" ||
+    fail "the job does not report the rate it is held to: $js"
 # The commit would take 16 s at this rate: stop nbdkit, which leaves it
 # in the journal.
 stop_nbdkit $nbdkit_pid

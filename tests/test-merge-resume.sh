@@ -61,6 +61,13 @@ verify_views $sock $tmp/live.img
 left=$(last_job_field bytes_total)
 echo "resumed with $left of $total bytes left"
 [ "$(last_job_field resumed)" = true ] || fail "the job did not resume"
+# The resumed job says what either way costs now: the stream what is
+# left, a commit the 8 changed blocks and what was streamed so far.
+nbdsnap -c $store --json jobs |
+    jq -e --argjson left $left --argjson total $total '.jobs[-1] |
+        .stream_bytes == $left and
+        .commit_bytes == $total - $left + 8 * 65536' ||
+    fail "the resumed job does not give its costs"
 [ "$left" -le $(( total - (64 << 20) )) ] ||
     fail "the resumed job copies $left bytes again: its progress was lost"
 

@@ -565,6 +565,8 @@ parse_container (struct parser *p, enum json_type type)
     if (type == JSON_OBJECT) {
       size_t keylen;
 
+      size_t at = p->pos;
+
       if (p->pos >= p->len || p->text[p->pos] != '"') {
         error_at (p, p->pos, "expected string key%s", found (p));
         goto fail;
@@ -572,6 +574,13 @@ parse_container (struct parser *p, enum json_type type)
       key = parse_string (p, &keylen);
       if (key == NULL)
         goto fail;
+      /* A key given twice is ambiguous (which one counts?): refused. */
+      for (size_t i = 0; i < v->len; ++i)
+        if (strcmp (v->keys[i], key) == 0) {
+          error_at (p, at, "duplicate key \"%s\"", key);
+          free (key);
+          goto fail;
+        }
       skip_space (p);
       if (p->pos >= p->len || p->text[p->pos] != ':') {
         error_at (p, p->pos, "expected ':'%s", found (p));
@@ -715,7 +724,7 @@ json_get (const struct json *v, const char *key)
 {
   if (v == NULL || v->type != JSON_OBJECT)
     return NULL;
-  /* Search backwards so that the last of repeated keys wins. */
+  /* Keys are unique (json_parse). */
   for (size_t i = v->len; i > 0; --i)
     if (strcmp (v->keys[i - 1], key) == 0)
       return v->items[i - 1];

@@ -44,7 +44,7 @@ extern struct json *json_parse (const char *text, size_t len, char **errmsg);
 
 extern void json_free (struct json *v);
 
-/* Look up key in an object (the last one wins if repeated).  NULL if v
+/* Look up key in an object (json_parse refuses repeated keys).  NULL if v
  * is not an object or has no such key.
  */
 extern const struct json *json_get (const struct json *v, const char *key);

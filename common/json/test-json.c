@@ -279,12 +279,6 @@ test_valid (void)
   assert (!json_get_int (v, "b", &i));
   json_free (v);
 
-  /* The last of repeated keys wins. */
-  v = parse_ok ("{\"k\":1,\"k\":2,\"j\":0}");
-  assert (v->len == 3);
-  assert (json_get_int (v, "k", &i) && i == 2);
-  json_free (v);
-
   /* Keys with escapes. */
   v = parse_ok ("{\"a\\nb\":\"x\",\"\\u00e9\":\"y\"}");
   assert (strcmp (json_get_string (v, "a\nb"), "x") == 0);
@@ -341,6 +335,12 @@ test_invalid (void)
   parse_bad ("tru", "at byte 3: expected 'true' before end of input");
   parse_bad ("nul", NULL);
   parse_bad ("-", "at byte 1: expected digit before end of input");
+
+  /* A key given twice, at any depth. */
+  parse_bad ("{\"cmd\":\"list\",\"cmd\":\"create\"}",
+             "at byte 14: duplicate key \"cmd\"");
+  parse_bad ("{\"a\":{\"b\":1,\"c\":2,\"b\":3}}",
+             "at byte 18: duplicate key \"b\"");
 
   /* Literals. */
   parse_bad ("True", "at byte 0: expected value");

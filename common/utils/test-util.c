@@ -63,6 +63,22 @@ main (void)
   assert (strcmp (human_size (buf, sizeof buf, 1ULL << 30), "1.0 GiB") == 0);
   assert (strcmp (iso_time (buf, sizeof buf, 0), "1970-01-01T00:00:00Z") == 0);
 
+  /* Escaping for messages. */
+  assert (strcmp (snap_escape ("snap/a", buf, sizeof buf), "snap/a") == 0);
+  assert (strcmp (snap_escape ("a\nb\\c\xff", buf, sizeof buf),
+                  "a\\x0ab\\x5cc\\xff") == 0);
+  {
+    char small[16], longs[100];
+    memset (longs, 'y', sizeof longs - 1);
+    longs[sizeof longs - 1] = '\0';
+    snap_escape (longs, small, sizeof small);
+    assert (strlen (small) < sizeof small);
+    assert (strcmp (small + strlen (small) - 3, "...") == 0);
+  }
+  assert (snap_printable ("dirty/a/b c~"));
+  assert (!snap_printable ("x\ty"));
+  assert (!snap_printable ("\xc3\xa9"));
+
   /* Atomic replace. */
   assert (mkdtemp (dir) != NULL);
   assert (write_file_atomic (dir, "f", "one", 3) == 0);

@@ -144,6 +144,33 @@ snap_name_invalid (const char *name)
 }
 
 char *
+snap_escape (const char *s, char *buf, size_t buflen)
+{
+  size_t n = 0;
+
+  for (; *s && n + 8 < buflen; ++s) {
+    unsigned char c = *s;
+    if (c >= 0x20 && c < 0x7f && c != '\\')
+      buf[n++] = c;
+    else
+      n += snprintf (&buf[n], buflen - n, "\\x%02x", c);
+  }
+  if (*s)
+    n += snprintf (&buf[n], buflen - n, "...");
+  buf[n] = '\0';
+  return buf;
+}
+
+bool
+snap_printable (const char *s)
+{
+  for (; *s; ++s)
+    if ((unsigned char) *s < 0x20 || (unsigned char) *s >= 0x7f)
+      return false;
+  return true;
+}
+
+char *
 human_size (char *buf, size_t buflen, uint64_t bytes)
 {
   static const char *units[] = { "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };

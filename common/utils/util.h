@@ -84,6 +84,15 @@ extern int fsync_dir (const char *dir);
 #define SNAP_NAME_MAX 64
 extern const char *snap_name_invalid (const char *name);
 
+/* Copy s into buf for a message: printable ASCII as it is, every
+ * other byte (and backslash) as \xNN, cut short with "..." if it does
+ * not fit.  Returns buf.
+ */
+extern char *snap_escape (const char *s, char *buf, size_t buflen);
+
+/* Whether s holds only printable ASCII (space to '~'). */
+extern bool snap_printable (const char *s);
+
 /* Format an unsigned byte count for humans: "512 B", "4.0 KiB", "1.5 GiB".
  * Returns buf.
  */

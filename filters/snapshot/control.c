@@ -428,10 +428,15 @@ static void
 describe_job (struct jw *w, const struct job *j)
 {
   uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
+  uint64_t recent = __atomic_load_n (&j->recent_rate, __ATOMIC_RELAXED);
   int64_t end = j->state == JOB_STATE_RUNNING ? job_now_ns ()
     : j->finished_ns;
   double secs = (end - j->started_ns) / 1e9;
-  double rate = secs > 0 ? done / secs : 0;
+  double average = secs > 0 ? done / secs : 0;
+  /* Running: the rate of late (the average mixes held-back and
+   * full-speed stretches); ended: the average.
+   */
+  double rate = j->state == JOB_STATE_RUNNING && recent ? recent : average;
 
   jw_key (w, "id");
   jw_uint (w, j->id);
@@ -463,6 +468,8 @@ describe_job (struct jw *w, const struct job *j)
   jw_double (w, secs);
   jw_key (w, "rate_bytes_per_second");
   jw_uint (w, (uint64_t) rate);
+  jw_key (w, "average_bytes_per_second");
+  jw_uint (w, (uint64_t) average);
   jw_key (w, "paced");
   jw_bool (w, j->state == JOB_STATE_RUNNING &&
            __atomic_load_n (&j->paced, __ATOMIC_RELAXED));

@@ -118,6 +118,39 @@ pages_missing (ssize_t lo, size_t up)
   return n;
 }
 
+/* Pages a revert copies: those held by a layer outside the reverted-to
+ * view (below the newest), each once, that the newest layer lacks.
+ */
+static uint64_t
+revert_pages (void)
+{
+  const struct sbitmap *top = &store.layers[store.nlayers - 1]->map;
+  uint64_t n = 0, p = 0;
+
+  while (p < store.npages) {
+    uint64_t s = store.npages, e;
+    bool more;
+
+    for (size_t i = store.revert_depth; i + 1 < store.nlayers; ++i)
+      s = MIN (s, sbitmap_find_next_set (&store.layers[i]->map, p));
+    if (s >= store.npages)
+      break;
+    /* The run goes on while any of the layers holds the page. */
+    e = s;
+    do {
+      more = false;
+      for (size_t i = store.revert_depth; i + 1 < store.nlayers; ++i)
+        if (e < store.npages && sbitmap_test (&store.layers[i]->map, e)) {
+          e = sbitmap_find_next_clear (&store.layers[i]->map, e);
+          more = true;
+        }
+    } while (more);
+    n += (e - s) - sbitmap_count_range (top, s, e - s);
+    p = e;
+  }
+  return n;
+}
+
 static uint64_t
 pages_bytes (uint64_t pages)
 {
@@ -640,6 +673,31 @@ pace_step (struct job *j, struct pace *pc, uint64_t bytes)
   }
 }
 
+/* The rate a job reports while it runs is over the last
+ * RATE_WINDOW_NS: held back while clients are busy, then at full
+ * speed, its average would match neither.
+ */
+#define RATE_WINDOW_NS (INT64_C (500) * 1000000)
+
+struct rate_window {
+  int64_t start_ns;
+  uint64_t start_bytes;
+};
+
+static void
+rate_step (struct job *j, struct rate_window *rw, uint64_t done)
+{
+  const int64_t now = now_ns ();
+
+  if (now - rw->start_ns < RATE_WINDOW_NS)
+    return;
+  __atomic_store_n (&j->recent_rate,
+                    (uint64_t) ((done - rw->start_bytes) * 1e9 /
+                                (now - rw->start_ns)), __ATOMIC_RELAXED);
+  rw->start_ns = now;
+  rw->start_bytes = done;
+}
+
 /* Copy what the job needs in chunks, each with the page range locked
  * and store.lock shared, so clients keep going between chunks.
  */
@@ -649,6 +707,7 @@ job_copy (struct job *j, struct flusher *f)
   uint64_t p = 0, since_sync = 0, kicked_at = 0;
   uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
   struct pace pc;
+  struct rate_window rw = { .start_ns = now_ns (), .start_bytes = done };
 
   pace_init (&pc);
   while (p < store.npages) {
@@ -690,6 +749,7 @@ job_copy (struct job *j, struct flusher *f)
 
       done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
       pace_step (j, &pc, done - was);
+      rate_step (j, &rw, done);
     }
     if (f) {
       bool sync = done - kicked_at >= FLUSH_AHEAD_BYTES;
@@ -1078,7 +1138,10 @@ job_main (void *arg)
     ndoomed = 0;
   }
   if (r == 0) {
-    __atomic_store_n (&j->bytes_done, j->bytes_total, __ATOMIC_SEQ_CST);
+    /* Done: what it copied is the whole of it (clients may have
+     * written pages it planned to copy).
+     */
+    j->bytes_total = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
     nbdkit_debug ("snapshot: job %" PRIu64 " done", j->id);
     job_done (j, JOB_STATE_DONE, NULL);
   }
@@ -1106,17 +1169,17 @@ job_plan (struct job *j)
   }
   if (j->kind == JOB_REVERT) {
     store.revert_depth = upper_index (&store.m.ckpts[ci]);
-    j->bytes_total = 0;
-    for (size_t i = store.revert_depth; i + 1 < store.nlayers; ++i)
-      j->bytes_total += pages_bytes (sbitmap_count (&store.layers[i]->map));
+    j->bytes_total = pages_bytes (revert_pages ());
     return 0;
   }
   j->upper = upper_index (&store.m.ckpts[ci]);
   assert (j->upper < store.nlayers);
   j->lower = (ssize_t) j->upper - 1;
+  /* The costs as they are now (after a restart: what is left). */
+  j->commit_bytes = pages_bytes (sbitmap_count (&store.layers[j->upper]->map));
+  j->stream_bytes = pages_bytes (pages_missing (j->lower, j->upper));
   j->bytes_total = j->strategy == STRATEGY_COMMIT
-    ? pages_bytes (sbitmap_count (&store.layers[j->upper]->map))
-    : pages_bytes (pages_missing (j->lower, j->upper));
+    ? j->commit_bytes : j->stream_bytes;
   return 0;
 }
 

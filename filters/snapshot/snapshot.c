@@ -396,6 +396,16 @@ parse_export (const char *exportname, struct handle *h)
     h->kind = EXPORT_LIVE;
     return 0;
   }
+  /* Every name this filter serves is short printable ASCII: anything
+   * else is refused here, and written to the log escaped, cut short.
+   */
+  if (!snap_printable (exportname) || strlen (exportname) > 256) {
+    char shown[300];
+    nbdkit_error ("unknown export '%s': export names are printable ASCII "
+                  "('', 'snap/NAME', 'dirty/FROM' or 'dirty/FROM/TO')",
+                  snap_escape (exportname, shown, sizeof shown));
+    return -1;
+  }
   if (strncmp (exportname, SNAP_PREFIX, strlen (SNAP_PREFIX)) == 0) {
     const char *name = exportname + strlen (SNAP_PREFIX);
     i = export_checkpoint (exportname, name);
@@ -442,9 +452,17 @@ parse_export (const char *exportname, struct handle *h)
         return -1;
       }
       if (j < i) {
-        nbdkit_error ("export '%s': '%s' is older than '%s': use "
-                      "dirty/%s/%s", exportname, slash + 1, fromname,
-                      slash + 1, fromname);
+        /* Swapped, if FROM is a snapshot; else no range ends at it. */
+        if (store.m.ckpts[i].kind == CKPT_SNAPSHOT)
+          nbdkit_error ("export '%s': '%s' is older than '%s': use "
+                        "dirty/%s/%s", exportname, slash + 1, fromname,
+                        slash + 1, fromname);
+        else
+          nbdkit_error ("export '%s': '%s' is older than '%s', and '%s' is "
+                        "a bitmap-only checkpoint, which cannot end a "
+                        "range: use dirty/%s for the changes since '%s' "
+                        "with the live contents", exportname, slash + 1,
+                        fromname, fromname, slash + 1, slash + 1);
         return -1;
       }
       strcpy (h->to, slash + 1);

@@ -112,8 +112,12 @@ struct job {
   char output[4096];
   uint64_t commit_bytes, stream_bytes; /* delete: the two costs */
   int state;                    /* enum job_state */
-  uint64_t bytes_total;
-  uint64_t bytes_done;          /* atomic */
+  uint64_t bytes_total;         /* what the plan copies (set to
+                                   bytes_done when the job ends: clients
+                                   may have written some pages first) */
+  uint64_t bytes_done;          /* atomic: copied by this run of it */
+  uint64_t recent_rate;         /* atomic: bytes a second over the last
+                                   RATE_WINDOW_NS, 0 until one passed */
   int64_t started_ns, finished_ns;
   char *error;                  /* failed: why */
   bool cancel, shutdown;        /* atomic requests to stop */
