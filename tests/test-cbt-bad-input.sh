@@ -43,6 +43,33 @@ expect_refused snap/a "'a' is a bitmap-only checkpoint"
 expect_refused 'dirty/..' "invalid name '..'"
 expect_refused 'dirty/' "invalid name ''"
 expect_refused 'dirty/a/s1/x' "invalid name 's1/x'"
+# FROM bitmap-only and newer than TO: no swapped export is suggested,
+# since none would be served.
+expect_refused dirty/b/s1 "'b' is a bitmap-only checkpoint, which cannot end a range: use dirty/s1"
+if grep -F "use dirty/s1/b" $nbdkit_log; then
+    fail "the log suggests dirty/s1/b, which is refused"
+fi
+# Names with control characters or bytes that are not ASCII go to the
+# log escaped, and never raw.
+python3 - $sock <<'PYEOF'
+import nbd, sys
+for name in ["snap/a\nforged log line", "dirty/\xe9t\xe9", "x" * 300]:
+    h = nbd.NBD()
+    h.set_export_name(name)
+    try:
+        h.connect_unix(sys.argv[1])
+    except nbd.Error:
+        pass
+    else:
+        sys.exit("export %r was accepted" % name)
+PYEOF
+grep -F "unknown export 'snap/a\x0aforged log line'" $nbdkit_log
+grep -F "unknown export 'dirty/\xc3\xa9t\xc3\xa9'" $nbdkit_log
+grep -F "unknown export 'xxxxxxxxxx" $nbdkit_log | grep -F "...'"
+# (nbdkit's own debug lines, with -v, show export names raw.)
+if grep -F "forged log line': " $nbdkit_log | grep -v "x0a"; then
+    fail "a raw newline from an export name reached the filter's errors"
+fi
 
 # expect_error MESSAGE NBDSNAP-ARGS...: exit 1 and the message.
 expect_error ()

@@ -101,6 +101,10 @@ jq -e --argjson t0 $t0 --argjson t1 $t1 '.checkpoints[0] |
   .created >= $t0 and .created <= $t1 and
   .changed_blocks == 5 and .changed_bytes == 5 * 65536 and
   .layer_bytes >= 196611 and .layer_bytes <= 5 * 65536' $tmp/list.json
+# Space on disk: s1's files hold what was written since (zeroed pages
+# are holes, so it may be less than layer_bytes), the store more.
+jq -e '.checkpoints[0].disk_bytes > 0 and
+       .disk_bytes > .checkpoints[0].disk_bytes' $tmp/list.json
 created=$(jq -r '.checkpoints[0].created' $tmp/list.json)
 created_iso=$(jq -r '.checkpoints[0].created_iso' $tmp/list.json)
 [ "$created_iso" = "$(date -u -d @$created +%Y-%m-%dT%H:%M:%SZ)" ]
@@ -115,9 +119,12 @@ jq -e --slurpfile l $tmp/list.json \
 nbdsnap -c $store list > $tmp/list.txt
 cat $tmp/list.txt
 grep -w s1 $tmp/list.txt
+grep -E '^NAME +KIND +CREATED +SPACE +CHANGED$' $tmp/list.txt
+grep -E '^store: [0-9.]+ [KMG]iB on disk$' $tmp/list.txt
 nbdsnap -c $store info s1 > $tmp/info.txt
 cat $tmp/info.txt
 grep -w s1 $tmp/info.txt
+grep -E '^disk bytes: [0-9]+ \(' $tmp/info.txt
 
 # nbdinfo --list: the live volume and snap/s1, with descriptions.
 nbdinfo --list --json "$live" > $tmp/exports.json

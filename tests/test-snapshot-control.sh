@@ -113,6 +113,8 @@ error(b"[1, 2]\n", prefix=["invalid request: "])
 error(b'"list"\n', prefix=["invalid request: "])
 error(b"\xff\xfe\x00\x01 junk\n", prefix=["invalid request: "])
 error(b'{"cmd":"list"}}\n', prefix=["invalid request: "])
+error(b'{"cmd":"list","cmd":"create","name":"x"}\n',
+      want='invalid request: at byte 14: duplicate key "cmd"')
 # (The spec gives no message for these two: any error will do.)
 error(b"{}\n")
 error(b'{"cmd":1}\n')

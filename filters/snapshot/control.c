@@ -103,6 +103,8 @@ describe_checkpoint (struct jw *w, size_t i)
   jw_uint (w, MIN (changed * store.block_size, store.size));
   jw_key (w, "layer_bytes");
   jw_uint (w, snap ? store_layer_bytes (c->layer) : 0);
+  jw_key (w, "disk_bytes");
+  jw_uint (w, store_checkpoint_disk_bytes (i));
   jw_key (w, "connections");
   jw_uint (w, store_connections (i));
 }
@@ -168,6 +170,8 @@ cmd_list (const struct json *req)
   jw_uint (&w, store.block_size);
   jw_key (&w, "size");
   jw_uint (&w, store.size);
+  jw_key (&w, "disk_bytes");
+  jw_uint (&w, store_disk_bytes ());
   jw_key (&w, "checkpoints");
   jw_begin_array (&w);
   for (size_t i = 0; i < store.m.nckpts; ++i) {

@@ -1012,6 +1012,51 @@ store_layer_bytes (uint64_t id)
   return 0;
 }
 
+/* Bytes of disk the file path takes (0 if it is not there). */
+static uint64_t
+disk_bytes (const char *path)
+{
+  struct stat st;
+
+  if (path == NULL || lstat (path, &st) == -1 || !S_ISREG (st.st_mode))
+    return 0;
+  return (uint64_t) st.st_blocks * 512;
+}
+
+uint64_t
+store_checkpoint_disk_bytes (size_t i)
+{
+  const struct manifest_checkpoint *c = &store.m.ckpts[i];
+  CLEANUP_FREE char *dirty = ckpt_map_path (c->map);
+  uint64_t n = disk_bytes (dirty);
+
+  if (c->kind == CKPT_SNAPSHOT) {
+    CLEANUP_FREE char *data = layer_path (c->layer, "data");
+    CLEANUP_FREE char *map = layer_path (c->layer, "map");
+    n += disk_bytes (data) + disk_bytes (map);
+  }
+  return n;
+}
+
+uint64_t
+store_disk_bytes (void)
+{
+  DIR *dir = opendir (store.dir);
+  struct dirent *e;
+  uint64_t n = 0;
+
+  if (dir == NULL)
+    return 0;
+  while ((e = readdir (dir)) != NULL) {
+    struct stat st;
+    if (fstatat (dirfd (dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISREG (st.st_mode))
+      n += (uint64_t) st.st_blocks * 512;
+  }
+  closedir (dir);
+  return n;
+}
+
 unsigned
 store_connections (size_t i)
 {

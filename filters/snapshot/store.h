@@ -274,6 +274,11 @@ extern int store_delete_checkpoint (const char *name, char **errmsg)
 
 /* Bytes held by layer id, or 0 (the store lock must be held). */
 extern uint64_t store_layer_bytes (uint64_t id);
+/* Disk space taken by checkpoint i's files (the layer it started and
+ * its dirty map), and by the whole store (store.lock held).
+ */
+extern uint64_t store_checkpoint_disk_bytes (size_t i);
+extern uint64_t store_disk_bytes (void);
 /* Open snap/ and dirty/ connections that use checkpoint i (store.lock
  * held): while there are any, it cannot be deleted.
  */

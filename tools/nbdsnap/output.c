@@ -94,6 +94,7 @@ struct checkpoint {
   const char *export;           /* NULL if it has no export */
   const char *dirty_export;     /* dirty/NAME, or NULL */
   uint64_t changed_blocks, changed_bytes, layer_bytes;
+  uint64_t disk_bytes;          /* 0 if the server did not say */
   int64_t connections;          /* -1 if the server did not say */
 };
 
@@ -151,6 +152,10 @@ get_checkpoint (const struct command *cmd, const struct json *v,
   cp->dirty_export = json_get_string (v, "dirty_export");
   if (!json_get_int (v, "connections", &cp->connections))
     cp->connections = -1;
+  {
+    int64_t d;
+    cp->disk_bytes = json_get_int (v, "disk_bytes", &d) && d > 0 ? d : 0;
+  }
 
   /* Prefer the server's rendering of the time; make one if absent. */
   iso = json_get_string (v, "created_iso");
@@ -200,15 +205,24 @@ print_list (const struct command *cmd, const struct json *reply, FILE *out)
     created_w = MAX (created_w, (int) strlen (cps[i].created));
   }
 
-  fprintf (out, "%-*s  %-*s  %-*s  %s\n",
-           name_w, "NAME", kind_w, "KIND", created_w, "CREATED", "CHANGED");
+  fprintf (out, "%-*s  %-*s  %-*s  %-9s  %s\n",
+           name_w, "NAME", kind_w, "KIND", created_w, "CREATED", "SPACE",
+           "CHANGED");
   for (size_t i = 0; i < list->len; ++i) {
-    char changed[64];
+    char changed[64], space[32];
 
     format_changed (changed, sizeof changed, &cps[i]);
-    fprintf (out, "%-*s  %-*s  %-*s  %s\n",
+    fprintf (out, "%-*s  %-*s  %-*s  %-9s  %s\n",
              name_w, cps[i].name, kind_w, cps[i].kind,
-             created_w, cps[i].created, changed);
+             created_w, cps[i].created,
+             human_size (space, sizeof space, cps[i].disk_bytes), changed);
+  }
+  {
+    int64_t total;
+    char space[32];
+    if (json_get_int (reply, "disk_bytes", &total) && total >= 0)
+      fprintf (out, "store: %s on disk\n",
+               human_size (space, sizeof space, total));
   }
   free (cps);
   return 0;
@@ -234,6 +248,8 @@ print_info (const struct command *cmd, const struct json *reply, FILE *out)
            human_size (h1, sizeof h1, cp.changed_bytes));
   fprintf (out, "layer bytes: %" PRIu64 " (%s)\n", cp.layer_bytes,
            human_size (h2, sizeof h2, cp.layer_bytes));
+  fprintf (out, "disk bytes: %" PRIu64 " (%s)\n", cp.disk_bytes,
+           human_size (h2, sizeof h2, cp.disk_bytes));
   if (cp.connections >= 0)
     fprintf (out, "connections: %" PRIi64 "\n", cp.connections);
   return 0;
