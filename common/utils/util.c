@@ -81,6 +81,15 @@ full_pwrite (int fd, const void *buf, size_t count, off_t offset)
   return 0;
 }
 
+int64_t
+snap_now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * INT64_C (1000000000) + ts.tv_nsec;
+}
+
 int
 fsync_dir (const char *dir)
 {

@@ -44,6 +44,11 @@ snap_mix64 (uint64_t x)
   return x;
 }
 
+/* CLOCK_MONOTONIC in nanoseconds: the clock jobs, pacing and the
+ * control socket's waits are timed with.
+ */
+extern int64_t snap_now_ns (void);
+
 /* Error reporting used by common/ code.  Each program (the filter,
  * nbdsnap, the unit tests) provides its own definition: the filter
  * forwards to nbdkit_verror, nbdsnap prints "nbdsnap: ...".

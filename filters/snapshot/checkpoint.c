@@ -423,16 +423,15 @@ ckpt_mark (uint64_t offset, uint64_t count, bool durable)
   return intent_ensure (first, next - 1);
 }
 
-bool
-ckpt_active_is_layered (void)
+int
+ckpt_mark_write (uint32_t count, uint64_t offset, int *err)
 {
-  const struct manifest_checkpoint *c;
-
-  if (store.m.nckpts == 0 || store.nlayers == 0)
-    return false;
-  c = &store.m.ckpts[store.m.nckpts - 1];
-  return c->kind == CKPT_SNAPSHOT &&
-    store.layers[store.nlayers - 1]->id >= c->layer;
+  if (ckpt_mark (offset, count, !store.kind->active_is_layered ()) == -1) {
+    *err = errno;
+    nbdkit_error ("recording changed blocks: %m");
+    return -1;
+  }
+  return 0;
 }
 
 int
@@ -440,7 +439,7 @@ ckpt_recover_active (void)
 {
   const struct manifest_checkpoint *c;
 
-  if (!ckpt_active_is_layered ())
+  if (!store.kind->active_is_layered ())
     return 0;
   c = &store.m.ckpts[store.m.nckpts - 1];
   for (size_t i = 0; i < store.nlayers; ++i) {

@@ -29,7 +29,10 @@
 #include <nbdkit-filter.h>
 
 #include "cleanup.h"
+#include "control.h"
+#include "job.h"
 #include "json.h"
+#include "origin.h"
 #include "store.h"
 #include "util.h"
 
@@ -48,7 +51,7 @@ struct client {
   bool eof;                     /* no more requests: close when sent */
   bool dead;                    /* gone away: close now */
   uint64_t wait_job;
-  int64_t wait_until;           /* job_now_ns () deadline */
+  int64_t wait_until;           /* snap_now_ns () deadline */
   char *out;                    /* replies not yet sent: */
   size_t out_off, out_len, out_cap;   /* [out_off, out_len) of out */
   size_t len;
@@ -433,7 +436,7 @@ describe_job (struct jw *w, const struct job *j)
 {
   uint64_t done = __atomic_load_n (&j->bytes_done, __ATOMIC_SEQ_CST);
   uint64_t recent = __atomic_load_n (&j->recent_rate, __ATOMIC_RELAXED);
-  int64_t end = j->state == JOB_STATE_RUNNING ? job_now_ns ()
+  int64_t end = j->state == JOB_STATE_RUNNING ? snap_now_ns ()
     : j->finished_ns;
   double secs = (end - j->started_ns) / 1e9;
   double average = secs > 0 ? done / secs : 0;
@@ -598,18 +601,8 @@ cmd_wait (const struct json *req)
   }
   current->waiting = true;
   current->wait_job = id;
-  current->wait_until = job_now_ns () + ms * INT64_C (1000000);
+  current->wait_until = snap_now_ns () + ms * INT64_C (1000000);
   return NULL;
-}
-
-void
-control_job_ended (void)
-{
-  /* A full pipe (EAGAIN) means the control thread will wake anyway. */
-  if (job_pipe[1] >= 0) {
-    ssize_t r = write (job_pipe[1], "j", 1);
-    (void) r;
-  }
 }
 
 static const struct {
@@ -839,7 +832,7 @@ client_accept (void)
 static int
 answer_waits (void)
 {
-  const int64_t now = job_now_ns ();
+  const int64_t now = snap_now_ns ();
   int64_t next = -1;
 
   for (size_t i = 0; i < CONTROL_MAX_CLIENTS; ++i) {
@@ -1060,6 +1053,17 @@ control_listen (const char *path)
   return 0;
 }
 
+/* Wake the control thread: a job ended ("wait" requests). */
+static void
+control_job_ended (void)
+{
+  /* A full pipe (EAGAIN) means the control thread will wake anyway. */
+  if (job_pipe[1] >= 0) {
+    ssize_t r = write (job_pipe[1], "j", 1);
+    (void) r;
+  }
+}
+
 int
 control_start (void)
 {
@@ -1076,6 +1080,7 @@ control_start (void)
     nbdkit_error ("pipe2: %m");
     return -1;
   }
+  job_set_end_notify (control_job_ended);
   err = pthread_create (&thread, NULL, control_thread, NULL);
   if (err) {
     errno = err;

@@ -207,7 +207,7 @@ intent_clear (bool rate_limited)
     return 0;
   {
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&intent.lock);
-    int64_t now = job_now_ns ();
+    int64_t now = snap_now_ns ();
     bool any = false;
 
     /* The time first: a client flush rarely needs to scan the regions. */

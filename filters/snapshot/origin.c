@@ -42,6 +42,7 @@
 #include <nbdkit-filter.h>
 
 #include "cleanup.h"
+#include "origin.h"
 #include "store.h"
 #include "util.h"
 
@@ -312,6 +313,81 @@ origin_pwrite (const void *buf, uint32_t len, uint64_t off)
     errno = err ? err : EIO;
     return -1;
   }
+  return 0;
+}
+
+/* ---- A client's requests on the origin ---- */
+
+/* FUA goes to the plugin as a flush after the write when it cannot do
+ * FUA itself.
+ */
+static int
+client_fua (nbdkit_next *next, uint32_t flags, int *err)
+{
+  if ((flags & NBDKIT_FLAG_FUA) && next->can_fua (next) == NBDKIT_FUA_NONE)
+    return next->flush (next, 0, err);
+  return 0;
+}
+
+static uint32_t
+client_flags (nbdkit_next *next, uint32_t flags)
+{
+  if (next->can_fua (next) == NBDKIT_FUA_NONE)
+    flags &= ~NBDKIT_FLAG_FUA;
+  return flags;
+}
+
+int
+origin_client_pwrite (nbdkit_next *next, const void *buf, uint32_t count,
+                      uint64_t offset, uint32_t flags, int *err)
+{
+  if (next->pwrite (next, buf, count, offset, client_flags (next, flags),
+                    err) == -1)
+    return -1;
+  return client_fua (next, flags, err);
+}
+
+int
+origin_client_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
+                    uint32_t flags, int *err)
+{
+  static const char zeros[65536];
+  uint32_t wflags;
+
+  if (next->can_zero (next) != NBDKIT_ZERO_NONE) {
+    if (next->zero (next, count, offset, client_flags (next, flags),
+                    err) == -1)
+      return -1;
+    return client_fua (next, flags, err);
+  }
+  wflags = client_flags (next, flags) &
+    ~(NBDKIT_FLAG_MAY_TRIM | NBDKIT_FLAG_FAST_ZERO);
+  while (count > 0) {
+    uint32_t n = MIN (count, (uint32_t) sizeof zeros);
+    if (next->pwrite (next, zeros, n, offset, wflags, err) == -1)
+      return -1;
+    count -= n;
+    offset += n;
+  }
+  return client_fua (next, flags, err);
+}
+
+int
+origin_client_trim (nbdkit_next *next, uint32_t count, uint64_t offset,
+                    uint32_t flags, int *err)
+{
+  if (next->can_trim (next) &&
+      next->trim (next, count, offset, client_flags (next, flags),
+                  err) == -1)
+    return -1;
+  return client_fua (next, flags, err);
+}
+
+int
+origin_client_flush (nbdkit_next *next, uint32_t flags, int *err)
+{
+  if (next->can_flush (next) && next->flush (next, flags, err) == -1)
+    return -1;
   return 0;
 }
 

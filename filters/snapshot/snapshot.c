@@ -18,7 +18,10 @@
 #include <nbdkit-filter.h>
 
 #include "cleanup.h"
+#include "control.h"
+#include "job.h"
 #include "json.h"
+#include "origin.h"
 #include "store.h"
 #include "util.h"
 
@@ -538,7 +541,8 @@ snapshot_open (nbdkit_next_open *next, nbdkit_context *context,
 
 /* Where a connection reads from (store.lock held shared). */
 struct route {
-  size_t depth;                 /* layers in the view */
+  struct view view;             /* what it reads */
+  struct view below;            /* the view under it, during a revert */
   ssize_t from, to;             /* DIRTY: checkpoint range [from, to) */
 };
 
@@ -550,13 +554,13 @@ route (struct handle *h, struct route *r)
   r->from = r->to = -1;
   switch (h->kind) {
   case EXPORT_LIVE:
-    r->depth = store.nlayers;
+    store.kind->live_view (&r->view, &r->below);
     return;
   case EXPORT_SNAP:
     /* References keep the snapshot from being deleted. */
     i = manifest_find_checkpoint (&store.m, h->name);
     assert (i >= 0);
-    r->depth = store_snapshot_depth (&store.m.ckpts[i]);
+    store.kind->snapshot_view (i, &r->view);
     return;
   case EXPORT_DIRTY:
     r->from = manifest_find_checkpoint (&store.m, h->name);
@@ -564,11 +568,11 @@ route (struct handle *h, struct route *r)
     if (h->to[0]) {
       r->to = manifest_find_checkpoint (&store.m, h->to);
       assert (r->to >= 0);
-      r->depth = store_snapshot_depth (&store.m.ckpts[r->to]);
+      store.kind->snapshot_view (r->to, &r->view);
     }
     else {
       r->to = store.m.nckpts;
-      r->depth = store.nlayers;
+      store.kind->live_view (&r->view, &r->below);
     }
     return;
   }
@@ -618,9 +622,7 @@ snapshot_can_write (nbdkit_next *next, void *handle)
 
   if (h->kind != EXPORT_LIVE)
     return 0;
-  if (store.nlayers > 0)
-    return 1;
-  return next->can_write (next);
+  return store.kind->can_write (next);
 }
 
 static int
@@ -673,12 +675,7 @@ snapshot_can_multi_conn (nbdkit_next *next, void *handle)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
-  /* A layer flush syncs the one shared layer; before the first
-   * snapshot, flushes go to the plugin, so follow it.
-   */
-  if (store.nlayers > 0)
-    return 1;
-  return next->can_multi_conn (next);
+  return store.kind->can_multi_conn (next);
 }
 
 /* ---- Data ---- */
@@ -693,45 +690,9 @@ snapshot_pread (nbdkit_next *next, void *handle, void *buf,
   note_request ();
   route (handle, &r);
   if (r.from >= 0)
-    return dirty_pread (next, r.from, r.to, r.depth, buf, count, offset,
+    return dirty_pread (next, r.from, r.to, &r.view, buf, count, offset,
                         err);
-  if (r.depth == 0)
-    return next->pread (next, buf, count, offset, flags, err);
-  return view_pread (next, r.depth, buf, count, offset, err);
-}
-
-/* Record a write to the live volume in the active dirty map before the
- * write is issued; durably unless the layer maps record it (see
- * checkpoint.c).
- */
-static int
-mark_changed (uint32_t count, uint64_t offset, int *err)
-{
-  if (ckpt_mark (offset, count, !ckpt_active_is_layered ()) == -1) {
-    *err = errno;
-    nbdkit_error ("recording changed blocks: %m");
-    return -1;
-  }
-  return 0;
-}
-
-/* With no snapshot, FUA goes to the plugin as a flush after the write
- * when it cannot do FUA itself.
- */
-static int
-origin_fua (nbdkit_next *next, uint32_t flags, int *err)
-{
-  if ((flags & NBDKIT_FLAG_FUA) && next->can_fua (next) == NBDKIT_FUA_NONE)
-    return next->flush (next, 0, err);
-  return 0;
-}
-
-static uint32_t
-origin_flags (nbdkit_next *next, uint32_t flags)
-{
-  if (next->can_fua (next) == NBDKIT_FUA_NONE)
-    flags &= ~NBDKIT_FLAG_FUA;
-  return flags;
+  return view_pread (next, &r.view, buf, count, offset, err);
 }
 
 static int
@@ -742,43 +703,7 @@ snapshot_pwrite (nbdkit_next *next, void *handle, const void *buf,
 
   note_request ();
   assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  if (mark_changed (count, offset, err) == -1)
-    return -1;
-  if (store.nlayers == 0) {
-    if (next->pwrite (next, buf, count, offset, origin_flags (next, flags),
-                      err) == -1)
-      return -1;
-    return origin_fua (next, flags, err);
-  }
-  return top_pwrite (next, buf, count, offset, flags, err);
-}
-
-/* Zero [offset, offset+count) of the origin, writing zeros if the
- * plugin cannot zero.
- */
-static int
-origin_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
-             uint32_t flags, int *err)
-{
-  static const char zeros[65536];
-  uint32_t wflags;
-
-  if (next->can_zero (next) != NBDKIT_ZERO_NONE) {
-    if (next->zero (next, count, offset, origin_flags (next, flags),
-                    err) == -1)
-      return -1;
-    return origin_fua (next, flags, err);
-  }
-  wflags = origin_flags (next, flags) &
-    ~(NBDKIT_FLAG_MAY_TRIM | NBDKIT_FLAG_FAST_ZERO);
-  while (count > 0) {
-    uint32_t n = MIN (count, (uint32_t) sizeof zeros);
-    if (next->pwrite (next, zeros, n, offset, wflags, err) == -1)
-      return -1;
-    count -= n;
-    offset += n;
-  }
-  return origin_fua (next, flags, err);
+  return store.kind->pwrite (next, buf, count, offset, flags, err);
 }
 
 static int
@@ -789,17 +714,7 @@ snapshot_zero (nbdkit_next *next, void *handle, uint32_t count,
 
   note_request ();
   assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  /* Layers zero by punching holes, which is fast; the plugin may not. */
-  if (store.nlayers == 0 && (flags & NBDKIT_FLAG_FAST_ZERO) &&
-      !next->can_fast_zero (next)) {
-    *err = ENOTSUP;
-    return -1;
-  }
-  if (mark_changed (count, offset, err) == -1)
-    return -1;
-  if (store.nlayers == 0)
-    return origin_zero (next, count, offset, flags, err);
-  return top_zero (next, count, offset, flags, err);
+  return store.kind->zero (next, count, offset, flags, err);
 }
 
 static int
@@ -810,16 +725,7 @@ snapshot_trim (nbdkit_next *next, void *handle, uint32_t count,
 
   note_request ();
   assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  if (mark_changed (count, offset, err) == -1)
-    return -1;
-  if (store.nlayers == 0) {
-    if (next->can_trim (next) &&
-        next->trim (next, count, offset, origin_flags (next, flags),
-                    err) == -1)
-      return -1;
-    return origin_fua (next, flags, err);
-  }
-  return top_trim (count, offset, flags, err);
+  return store.kind->trim (next, count, offset, flags, err);
 }
 
 static int
@@ -828,15 +734,8 @@ snapshot_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
   note_request ();
-  if (store.nlayers == 0) {
-    if (next->can_flush (next) && next->flush (next, flags, err) == -1)
-      return -1;
-  }
-  else if (layer_flush (store.layers[store.nlayers - 1]) == -1) {
-    *err = errno;
-    nbdkit_error ("flush: %m");
+  if (store.kind->flush (next, flags, err) == -1)
     return -1;
-  }
   /* A good moment to shrink the write-intent regions (intent.c). */
   if (intent_clear (true) == -1) {
     *err = errno;
@@ -858,7 +757,7 @@ snapshot_extents (nbdkit_next *next, void *handle, uint32_t count,
   route (handle, &r);
   if (r.from >= 0)
     return dirty_extents (r.from, r.to, count, offset, flags, extents, err);
-  return view_extents (next, r.depth, count, offset, flags, extents, err);
+  return view_extents (next, &r.view, count, offset, flags, extents, err);
 }
 
 static int
@@ -870,7 +769,7 @@ snapshot_cache (nbdkit_next *next, void *handle, uint32_t count,
 
   note_request ();
   route (handle, &r);
-  return view_cache (next, r.depth, count, offset, err);
+  return view_cache (next, &r.view, count, offset, err);
 }
 
 static struct nbdkit_filter filter = {

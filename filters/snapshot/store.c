@@ -21,6 +21,7 @@
 
 #include "cleanup.h"
 #include "mapfile.h"
+#include "origin.h"
 #include "store.h"
 #include "util.h"
 
@@ -464,6 +465,7 @@ store_load (void)
                   "not available in this release", store.dir);
     return -1;
   }
+  store.kind = &row_kind;
   if (block_size_param && block_size_param != store.m.block_size) {
     nbdkit_error ("snapshot-block-size=%" PRIu32 " does not match the "
                   "block size of the store %s (%" PRIu32 ")",
@@ -710,6 +712,7 @@ store_open (uint64_t origin_size)
     return -1;
   }
   if (!have_manifest) {
+    store.kind = &row_kind;
     store.m.mode = MODE_ROW;
     store.m.block_size = block_size_param ? block_size_param : 65536;
     store.m.size = origin_size;
@@ -896,14 +899,9 @@ store_create_checkpoint (const char *name, bool bitmap_only,
    * not vanish in a crash, or the blocks changed since it would not
    * include the block that then reads as it was before.
    */
-  if (store.nlayers == 0 && flush_origin () == -1) {
-    set_errmsg (errmsg, "flushing the origin failed: %s", strerror (errno));
-    return -1;
-  }
-  if (store.nlayers > 0 &&
-      layer_flush (store.layers[store.nlayers - 1]) == -1) {
-    set_errmsg (errmsg, "flushing layer %" PRIu64 ": %s",
-                store.layers[store.nlayers - 1]->id, strerror (errno));
+  if (store.kind->flush_live (flush_origin) == -1) {
+    set_errmsg (errmsg, "flushing the live volume failed: %s",
+                strerror (errno));
     return -1;
   }
   if (ckpt_persist_active () == -1 || intent_clear (false) == -1) {
@@ -937,7 +935,8 @@ store_create_checkpoint (const char *name, bool bitmap_only,
   /* The first snapshot freezes the origin: record its sample (after
    * the flush above, so a crash cannot take the origin back from it).
    */
-  if (l && store.nlayers == 0 && origin_freeze () == -1)
+  if (l && store.nlayers == 0 && store.kind->snapshots_freeze_origin &&
+      origin_freeze () == -1)
     goto err_files;
   if (fsync_dir (store.dir) == -1 ||
       (l && manifest_add_layer (&store.m, c.layer) == -1) ||

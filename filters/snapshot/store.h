@@ -1,4 +1,4 @@
-/* nbdkit-snapshot: the store, its layers and snapshots (row mode).
+/* nbdkit-snapshot: the store, its layers and checkpoints.
  *
  * Notes on the design
  * -------------------
@@ -14,25 +14,19 @@
  * a fresh 64 KiB block copies nothing; only a write smaller than a page
  * reads the rest of its page from below (read-modify-write).
  *
- * Row mode.  With no snapshot, the origin is the live volume and
- * writes pass through to the plugin.  Taking snapshot S freezes the
- * newest layer (or the origin) and starts a new empty layer, whose id
- * S records.  Views are prefixes of the layer list:
+ * The store's kind (kind.h) says what its layers hold and how views
+ * read them: row.c (redirect-on-write, the newest layer takes the
+ * writes) and cbw.c (copy-before-write, each snapshot's layer keeps
+ * what writes overwrote).  A view (kind.h) is a range of layers
+ * searched in order, then the origin.
  *
- *   live:   every layer, newest first, then the origin;
- *   snap S: the layers with id < S.layer, newest first, then the origin.
- *
- * A page of a view comes from the newest layer of the view whose map
- * has it set, else from the origin.  Only the newest layer is ever
- * written, so every snapshot's view is fixed when it is taken.
- *
- * Ordering and durability.  A write pwrites the page data into the
- * newest layer, then sets the page bits in memory.  A flush (and FUA)
+ * Ordering and durability.  A write pwrites the page data into a
+ * layer, then sets the page bits in memory.  A flush (and FUA)
  * takes the dirty map pages (mapfile_collect), fdatasyncs the layer
  * data, then writes the map pages and fdatasyncs the map: a map on
  * disk never claims a page whose data is not durable.  Taking a
- * snapshot first flushes the newest layer (or the origin), so the
- * frozen view is durable before the manifest names the new layer.
+ * checkpoint first flushes the live volume (store.kind->flush_live),
+ * so what it must hold is durable before the manifest names it.
  * After kill -9 the maps hold every page flushed before; pages written
  * and not flushed may be lost, as on a disk with a volatile cache.
  *
@@ -58,6 +52,8 @@
 
 #include <nbdkit-filter.h>
 
+#include "job.h"
+#include "kind.h"
 #include "manifest.h"
 #include "rangelock.h"
 #include "sbitmap.h"
@@ -99,36 +95,10 @@ struct ckpt_map {
   bool sealed;                  /* its file is sealed (mapfile.h) */
 };
 
-/* A background job (job.c). */
-enum job_state { JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_FAILED,
-                 JOB_STATE_CANCELLED };
-
-struct job {
-  uint64_t id;
-  enum job_kind kind;           /* JOB_DELETE or JOB_REVERT */
-  char name[SNAP_NAME_MAX + 1]; /* the snapshot */
-  enum job_strategy strategy;   /* delete: commit or stream */
-  bool keep_bitmap;
-  char output[4096];
-  uint64_t commit_bytes, stream_bytes; /* delete: the two costs */
-  int state;                    /* enum job_state */
-  uint64_t bytes_total;         /* what the plan copies (set to
-                                   bytes_done when the job ends: clients
-                                   may have written some pages first) */
-  uint64_t bytes_done;          /* atomic: copied by this run of it */
-  uint64_t recent_rate;         /* atomic: bytes a second over the last
-                                   RATE_WINDOW_NS, 0 until one passed */
-  int64_t started_ns, finished_ns;
-  char *error;                  /* failed: why */
-  bool cancel, shutdown;        /* atomic requests to stop */
-  bool resumed;                 /* resumed after a restart */
-  bool paced;                   /* atomic: held to snapshot-job-rate
-                                   because clients are busy */
-  size_t upper;                 /* delete: layer indexes of the plan; */
-  ssize_t lower;                /* lower < 0 means the origin */
-};
+struct job;
 
 struct store {
+  const struct kind *kind;      /* the store's kind (kind.h), for life */
   char *dir;                    /* absolute path */
   int lock_fd;                  /* flock'd DIR/lock */
   struct manifest m;            /* protected by lock (write: exclusive) */
@@ -337,10 +307,11 @@ extern int ckpt_persist_active (void);
  */
 extern int ckpt_mark (uint64_t offset, uint64_t count, bool durable);
 
-/* Whether the newest checkpoint is a snapshot whose layers take every
- * write (then the layer maps are the durable record of its changes).
+/* Record a client's write of [offset, offset+count) in the active dirty
+ * map before it is issued: durably unless the kind's layer maps record
+ * it (see there).  Return 0, or -1 with *err set (reported).
  */
-extern bool ckpt_active_is_layered (void);
+extern int ckpt_mark_write (uint32_t count, uint64_t offset, int *err);
 
 /* At start-up: put back into the newest checkpoint's map every page of
  * the layers it started (see checkpoint.c), and persist it.
@@ -375,142 +346,49 @@ extern void ckpt_forget (size_t i, size_t nckpts);
 /* Delete bitmap-only checkpoint i (store.lock exclusive). */
 extern int ckpt_delete_bitmap (size_t i, char **errmsg);
 
-/* ---- view.c: I/O through a view of depth n (store.lock held shared) ---- */
+/* ---- view.c: I/O through a view (kind.h; store.lock held shared) ---- */
 
-/* Find the source of page p in a view of depth n: the index of a layer,
- * or -1 for the origin.  Also return in *run_end the first page at or
- * after p (and at most limit) whose source differs.
+/* A view of layers [lo, hi), searched in the given order. */
+extern void view_of_layers (struct view *v, size_t lo, size_t hi,
+                            bool ascending)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Find the source of page p in view v: the index of a layer, or -1
+ * for the origin.  Also return in *run_end the first page at or after
+ * p (and at most limit) whose source differs.
  */
-extern int view_source (size_t n, uint64_t p, uint64_t limit,
-                        uint64_t *run_end);
+extern int view_source (const struct view *v, uint64_t p, uint64_t limit,
+                        uint64_t *run_end)
+  __attribute__ ((__nonnull__ (1, 4)));
 
-extern int view_pread (nbdkit_next *next, size_t n, void *buf,
+extern int view_pread (nbdkit_next *next, const struct view *v, void *buf,
                        uint32_t count, uint64_t offset, int *err);
-extern int view_extents (nbdkit_next *next, size_t n, uint32_t count,
-                         uint64_t offset, uint32_t flags,
+extern int view_extents (nbdkit_next *next, const struct view *v,
+                         uint32_t count, uint64_t offset, uint32_t flags,
                          struct nbdkit_extents *extents, int *err);
-extern int view_cache (nbdkit_next *next, size_t n, uint32_t count,
-                       uint64_t offset, int *err);
+extern int view_cache (nbdkit_next *next, const struct view *v,
+                       uint32_t count, uint64_t offset, int *err);
 
 /* dirty/ exports: blocks changed between checkpoints from and to
- * (exclusive) read from the view of depth depth; others read as zeros
- * and are reported as holes.
+ * (exclusive) read from view v; others read as zeros and are reported
+ * as holes.
  */
 extern int dirty_pread (nbdkit_next *next, size_t from, size_t to,
-                        size_t depth, void *buf, uint32_t count,
+                        const struct view *v, void *buf, uint32_t count,
                         uint64_t offset, int *err);
 extern int dirty_extents (size_t from, size_t to, uint32_t count,
                           uint64_t offset, uint32_t flags,
                           struct nbdkit_extents *extents, int *err);
 
-/* Writes go to the newest layer (store.nlayers >= 1). */
+/* Writes go to the newest layer (store.nlayers >= 1): redirect-on-write
+ * (row.c) reads the rest of a partial page from row_below_view.
+ */
+extern void row_below_view (struct view *v);
 extern int top_pwrite (nbdkit_next *next, const void *buf, uint32_t count,
                        uint64_t offset, uint32_t flags, int *err);
 extern int top_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
                      uint32_t flags, int *err);
 extern int top_trim (uint32_t count, uint64_t offset, uint32_t flags,
                      int *err);
-
-/* ---- control.c ---- */
-/* Bind and listen on the control socket (before nbdkit forks), then
- * serve it from a thread of its own (after).  control_stop stops both
- * and removes the socket.  Return 0, or -1 after nbdkit_error.
- */
-extern int control_listen (const char *path);
-extern int control_start (void);
-extern void control_stop (void);
-/* Wake the control thread: a job ended ("wait" requests). */
-extern void control_job_ended (void);
-
-/* Describe checkpoint index i as JSON members.  Store lock held. */
-struct jw;
-extern void describe_checkpoint (struct jw *w, size_t i);
-
-/* ---- origin.c: the plugin below the filter (see there) ---- */
-
-/* The filter's own context on the plugin, and the lock that serialises
- * its use.
- */
-extern nbdkit_next *bg_next;
-extern pthread_mutex_t bg_lock;
-
-/* Whether nbdkit runs the plugin in the parallel thread model (then
- * bg_next may be called from two threads at once).
- */
-extern void origin_set_parallel (bool parallel);
-extern bool origin_parallel (void);
-
-/* Open the context (in .after_fork), make sure the origin takes a
- * second connection, and get its size.  Return 0, or -1 after
- * nbdkit_error.
- */
-extern int origin_open (nbdkit_backend *backend, int64_t *size);
-extern void origin_close (void);
-
-/* Whether the origin can be written by a job: the context is writable
- * and nbdkit was not started with -r.
- */
-extern bool origin_writable (void);
-
-/* Flush, read and write the origin through the context (with bg_lock;
- * origin_flush_unlocked without it, for a parallel plugin).  Return 0,
- * or -1 with errno set.
- */
-extern int origin_flush (void);
-extern int origin_flush_unlocked (void);
-extern int origin_pread (void *buf, uint32_t len, uint64_t off);
-extern int origin_pwrite (const void *buf, uint32_t len, uint64_t off);
-
-/* Identity.  origin_note_config sees every plugin parameter (.config);
- * origin_identity_check checks an origin of size bytes against the
- * manifest at start-up, before the store is opened and changes (adopt:
- * accept it); origin_identity_open records it once the store is open;
- * origin_freeze records the sample in store.m when the origin stops
- * being written, origin_thaw drops it before it may be (the caller
- * saves the manifest, store.lock held exclusively);
- * origin_identity_close records it at a clean stop.
- */
-extern void origin_note_config (const char *key, const char *value);
-extern int origin_identity_check (int64_t size, bool adopt);
-extern int origin_identity_open (void);
-extern int origin_freeze (void);
-extern void origin_thaw (void);
-extern void origin_identity_close (void);
-
-/* ---- job.c ---- */
-
-/* Whether a job runs; if so set *errmsg (naming the job, or saying
- * that snapshot name already has one) and return true.
- */
-extern bool job_busy (const char *name, char **errmsg);
-
-/* Start deleting snapshot name (strategy: STRATEGY_* or -1 for auto).
- * Sets the two costs.  Return the job's id, or 0 with *errmsg set.
- */
-extern uint64_t job_start_delete (const char *name, int strategy,
-                                     const char *output, bool keep_bitmap,
-                                     bool origin_writable,
-                                     uint64_t *commit_bytes,
-                                     uint64_t *stream_bytes, char **errmsg);
-extern uint64_t job_start_revert (const char *name, char **errmsg);
-
-/* Resume the job the manifest names, if any (at start-up). */
-extern int job_resume (void);
-
-/* Ask running job id to stop.  Return 0, or -1 with *errmsg set. */
-extern int job_cancel (uint64_t id, char **errmsg);
-
-/* Stop the job thread at shutdown (the journal keeps the job). */
-extern void job_stop (void);
-
-/* Call fn for every job, finished ones first (store.job_lock held). */
-extern void job_list (void (*fn) (const struct job *j, void *opaque),
-                      void *opaque);
-
-/* Job id, running or finished (store.job_lock held), or NULL. */
-extern const struct job *job_find (uint64_t id);
-
-/* The clock jobs are timed with, in nanoseconds. */
-extern int64_t job_now_ns (void);
 
 #endif /* SNAPSHOT_STORE_H */

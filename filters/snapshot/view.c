@@ -1,8 +1,9 @@
 /* nbdkit-snapshot: reading and writing through views (see store.h).
  *
  * Every function here is called with store.lock held shared, so the
- * layer list cannot change underneath.  A view of depth n searches
- * store.layers[n-1] down to store.layers[0], then the origin (next).
+ * layer list cannot change underneath.  A view (store.h) searches a
+ * range of store.layers in the order its kind wants, then the origin
+ * (next).
  */
 #include <config.h>
 
@@ -36,40 +37,47 @@ page_len (uint64_t p)
 }
 
 int
-view_source (size_t n, uint64_t p, uint64_t limit, uint64_t *run_end)
+view_source (const struct view *v, uint64_t p, uint64_t limit,
+             uint64_t *run_end)
 {
   int src = -1;
   uint64_t end = limit;
 
-  /* While a revert runs, the live view is the newest layer over the
-   * reverted-to snapshot's view (see job.c).
+  /* While a revert runs: the pages in v->top come from v->top_src,
+   * the others from the view below.
    */
-  if (n > 0 && n == store.nlayers && store.revert_depth >= 0) {
-    const struct sbitmap *top = &store.layers[n - 1]->map;
-    if (sbitmap_test (top, p)) {
-      *run_end = MIN (limit, sbitmap_find_next_clear (top, p));
-      return n - 1;
+  if (v->top) {
+    if (sbitmap_test (v->top, p)) {
+      *run_end = MIN (limit, sbitmap_find_next_clear (v->top, p));
+      return v->top_src;
     }
-    return view_source (store.revert_depth, p,
-                        MIN (limit, sbitmap_find_next_set (top, p)),
+    return view_source (v->below, p,
+                        MIN (limit, sbitmap_find_next_set (v->top, p)),
                         run_end);
   }
 
-  for (size_t i = n; i-- > 0; )
+  /* The first layer of the view, in its order, that holds the page;
+   * the run ends where that layer loses the page, or where a layer
+   * searched before it gains one.
+   */
+  for (size_t k = 0; k < v->hi - v->lo; ++k) {
+    size_t i = v->ascending ? v->lo + k : v->hi - 1 - k;
     if (sbitmap_test (&store.layers[i]->map, p)) {
       src = i;
+      end = MIN (end, sbitmap_find_next_clear (&store.layers[i]->map, p));
       break;
     }
-  /* The run ends where the source loses the page, or where any newer
-   * layer of the view gains one.
-   */
-  if (src >= 0)
-    end = MIN (end, sbitmap_find_next_clear (&store.layers[src]->map, p));
-  for (size_t j = src + 1; j < n; ++j)
-    end = MIN (end, sbitmap_find_next_set (&store.layers[j]->map, p));
+    end = MIN (end, sbitmap_find_next_set (&store.layers[i]->map, p));
+  }
   assert (end > p);
   *run_end = end;
   return src;
+}
+
+void
+view_of_layers (struct view *v, size_t lo, size_t hi, bool ascending)
+{
+  *v = (struct view) { .lo = lo, .hi = hi, .ascending = ascending };
 }
 
 /* Read [offset, offset+count) from one source. */
@@ -88,8 +96,8 @@ source_pread (nbdkit_next *next, int src, void *buf, uint32_t count,
 }
 
 int
-view_pread (nbdkit_next *next, size_t n, void *buf, uint32_t count,
-            uint64_t offset, int *err)
+view_pread (nbdkit_next *next, const struct view *v, void *buf,
+            uint32_t count, uint64_t offset, int *err)
 {
   char *p = buf;
   const uint64_t end = offset + count;
@@ -97,7 +105,7 @@ view_pread (nbdkit_next *next, size_t n, void *buf, uint32_t count,
   while (offset < end) {
     uint64_t pg = offset >> PAGE_SHIFT, run_end, len;
     const uint64_t last = ((end - 1) >> PAGE_SHIFT) + 1;
-    int src = view_source (n, pg, last, &run_end);
+    int src = view_source (v, pg, last, &run_end);
 
     len = MIN (end, page_off (run_end)) - offset;
     if (source_pread (next, src, p, len, offset, err) == -1)
@@ -196,15 +204,16 @@ origin_extents (nbdkit_next *next, uint64_t offset, uint64_t end,
 }
 
 int
-view_extents (nbdkit_next *next, size_t n, uint32_t count, uint64_t offset,
-              uint32_t flags, struct nbdkit_extents *extents, int *err)
+view_extents (nbdkit_next *next, const struct view *v, uint32_t count,
+              uint64_t offset, uint32_t flags,
+              struct nbdkit_extents *extents, int *err)
 {
   const uint64_t end = offset + count;
   const uint64_t last = ((end - 1) >> PAGE_SHIFT) + 1;
 
   while (offset < end) {
     uint64_t run_end, stop;
-    int src = view_source (n, offset >> PAGE_SHIFT, last, &run_end);
+    int src = view_source (v, offset >> PAGE_SHIFT, last, &run_end);
 
     stop = MIN (end, page_off (run_end));
     if (src >= 0) {
@@ -227,8 +236,8 @@ view_extents (nbdkit_next *next, size_t n, uint32_t count, uint64_t offset,
 }
 
 int
-view_cache (nbdkit_next *next, size_t n, uint32_t count, uint64_t offset,
-            int *err)
+view_cache (nbdkit_next *next, const struct view *v, uint32_t count,
+            uint64_t offset, int *err)
 {
   const uint64_t end = offset + count;
   const uint64_t last = ((end - 1) >> PAGE_SHIFT) + 1;
@@ -236,7 +245,7 @@ view_cache (nbdkit_next *next, size_t n, uint32_t count, uint64_t offset,
 
   while (offset < end) {
     uint64_t run_end, stop;
-    int src = view_source (n, offset >> PAGE_SHIFT, last, &run_end);
+    int src = view_source (v, offset >> PAGE_SHIFT, last, &run_end);
 
     stop = MIN (end, page_off (run_end));
     if (src >= 0)
@@ -264,9 +273,9 @@ static int
 top_write_partial (nbdkit_next *next, const void *buf, uint32_t count,
                    uint64_t offset, uint64_t pg, int *err)
 {
-  const size_t n = store.nlayers;
-  struct layer *top = store.layers[n - 1];
+  struct layer *top = store.layers[store.nlayers - 1];
   char page[PAGE_SIZE_BYTES];
+  struct view below;
   const uint64_t poff = page_off (pg);
   const uint32_t plen = page_len (pg);
 
@@ -279,8 +288,8 @@ top_write_partial (nbdkit_next *next, const void *buf, uint32_t count,
   /* Below the newest layer: the layers under it, or during a revert
    * the reverted-to snapshot's view.
    */
-  if (view_pread (next, store.revert_depth >= 0 ? (size_t) store.revert_depth
-                  : n - 1, page, plen, poff, err) == -1)
+  row_below_view (&below);
+  if (view_pread (next, &below, page, plen, poff, err) == -1)
     return -1;
   memcpy (page + (offset - poff), buf ? buf : zero_page, count);
   if (full_pwrite (top->data_fd, page, plen, poff) == -1)
@@ -554,8 +563,9 @@ top_trim (uint32_t count, uint64_t offset, uint32_t flags, int *err)
 /* ---- dirty/ exports ---- */
 
 int
-dirty_pread (nbdkit_next *next, size_t from, size_t to, size_t depth,
-             void *buf, uint32_t count, uint64_t offset, int *err)
+dirty_pread (nbdkit_next *next, size_t from, size_t to,
+             const struct view *v, void *buf, uint32_t count,
+             uint64_t offset, int *err)
 {
   char *p = buf;
   const uint64_t end = offset + count;
@@ -569,11 +579,7 @@ dirty_pread (nbdkit_next *next, size_t from, size_t to, size_t depth,
 
     if (!changed)
       memset (p, 0, len);       /* Unchanged blocks read as zeros. */
-    else if (depth == 0) {
-      if (next->pread (next, p, len, offset, 0, err) == -1)
-        return -1;
-    }
-    else if (view_pread (next, depth, p, len, offset, err) == -1)
+    else if (view_pread (next, v, p, len, offset, err) == -1)
       return -1;
     p += len;
     offset += len;
