@@ -111,13 +111,19 @@ bad_params snapshot-control snapshot-store=$tmp/ctl-store snapshot-control=
 bad_params $tmp/nosuchdir/ctl.sock \
            snapshot-store=$tmp/ctl-store snapshot-control=$tmp/nosuchdir/ctl.sock
 
-# Mode.
-cbw='snapshot-mode=cbw: copy-before-write mode is not available in this release; use row'
-bad_params "$cbw" snapshot-store=$tmp/mode-store snapshot-mode=cbw
-bad_daemon "$cbw" snapshot-store=$tmp/mode-store snapshot-mode=cbw
+# Mode: fixed when the store is created, refused on a store of the
+# other kind (before nbdkit forks).
 bad_params snapshot-mode snapshot-store=$tmp/mode-store snapshot-mode=xyz
 bad_params snapshot-mode snapshot-store=$tmp/mode-store snapshot-mode=
 good_params snapshot-store=$tmp/mode-store snapshot-mode=row
+good_params snapshot-store=$tmp/mode-store
+mismatch='snapshot-mode=cbw does not match the store'
+bad_params "$mismatch" snapshot-store=$tmp/mode-store snapshot-mode=cbw
+bad_daemon "$mismatch" snapshot-store=$tmp/mode-store snapshot-mode=cbw
+good_params snapshot-store=$tmp/cbw-store snapshot-mode=cbw
+good_params snapshot-store=$tmp/cbw-store
+bad_params "snapshot-mode=row does not match the store" \
+           snapshot-store=$tmp/cbw-store snapshot-mode=row
 
 # Names at start-up: 1 to 64 of [A-Za-z0-9._-], not starting with
 # "." or "-".

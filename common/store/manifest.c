@@ -14,6 +14,7 @@
 #include "manifest.h"
 
 static const char *mode_names[] = { "row", "cbw" };
+static const char *strategy_names[] = { "commit", "stream", "move" };
 
 static bool manifest_has_layer (const struct manifest *m, uint64_t id);
 
@@ -50,7 +51,7 @@ manifest_format (const struct manifest *m, size_t *len)
   if (m->job.kind == JOB_DELETE)
     fprintf (fp, "job %" PRIu64 " delete %s strategy=%s keep-bitmap=%d "
              "output=%s\n", m->job.id, m->job.name,
-             m->job.strategy == STRATEGY_COMMIT ? "commit" : "stream",
+             strategy_names[m->job.strategy],
              m->job.keep_bitmap, m->job.output[0] ? m->job.output : "-");
   else if (m->job.kind == JOB_REVERT)
     fprintf (fp, "job %" PRIu64 " revert %s\n", m->job.id, m->job.name);
@@ -216,10 +217,11 @@ manifest_parse (const char *where, const char *text, size_t len,
                   "keep-bitmap=%d output=%4095s%n",
                   &j->id, j->name, strat, &kb, out, &end) == 5 &&
           end >= 0 && line[end] == '\0' &&
-          (strcmp (strat, "commit") == 0 || strcmp (strat, "stream") == 0)) {
+          (strcmp (strat, "commit") == 0 || strcmp (strat, "stream") == 0 ||
+           strcmp (strat, "move") == 0)) {
         j->kind = JOB_DELETE;
-        j->strategy = strcmp (strat, "commit") == 0
-          ? STRATEGY_COMMIT : STRATEGY_STREAM;
+        j->strategy = strcmp (strat, "commit") == 0 ? STRATEGY_COMMIT
+          : strcmp (strat, "stream") == 0 ? STRATEGY_STREAM : STRATEGY_MOVE;
         j->keep_bitmap = kb != 0;
         if (strcmp (out, "-") != 0)
           strcpy (j->output, out);
@@ -486,6 +488,9 @@ bool
 manifest_uses (const struct manifest *m, uint64_t id)
 {
   if (manifest_has_layer (m, id))
+    return true;
+  /* A revert's own map (cbw) is named after its job. */
+  if (m->job.kind == JOB_REVERT && m->job.id == id)
     return true;
   for (size_t i = 0; i < m->nckpts; ++i)
     if (m->ckpts[i].map == id)

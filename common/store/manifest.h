@@ -29,7 +29,7 @@
  * Ids of layers, maps and jobs come from one counter, next-id.
  *
  * Optional lines: "origin retired" once a stream has made the oldest
- * layer complete; "job ID delete NAME strategy=commit|stream
+ * layer complete; "job ID delete NAME strategy=commit|stream|move
  * keep-bitmap=0|1 output=PATH|-" or "job ID revert NAME" while a
  * background job runs (output paths contain no white space); "drop ID"
  * for each id whose files (layer-ID.*, dirty-ID.map) the store no
@@ -76,13 +76,13 @@ struct manifest_checkpoint {
  * here is resumed after a crash; its work is idempotent).
  */
 enum job_kind { JOB_NONE = 0, JOB_DELETE, JOB_REVERT };
-enum job_strategy { STRATEGY_COMMIT = 0, STRATEGY_STREAM };
+enum job_strategy { STRATEGY_COMMIT = 0, STRATEGY_STREAM, STRATEGY_MOVE };
 
 struct manifest_job {
   enum job_kind kind;
   uint64_t id;
   char name[SNAP_NAME_MAX + 1]; /* the snapshot */
-  enum job_strategy strategy;   /* JOB_DELETE */
+  enum job_strategy strategy;   /* JOB_DELETE (move: cbw) */
   bool keep_bitmap;             /* JOB_DELETE */
   char output[4096];            /* JOB_DELETE stream: final name, or "" */
 };
@@ -162,7 +162,9 @@ extern int manifest_add_checkpoint (struct manifest *m,
 extern int manifest_add_drop (struct manifest *m, uint64_t id)
   __attribute__ ((__nonnull__ (1)));
 
-/* Whether the manifest uses id: a layer or a checkpoint's map. */
+/* Whether the manifest uses id: a layer, a checkpoint's map, or the
+ * running revert's map (named after its job).
+ */
 extern bool manifest_uses (const struct manifest *m, uint64_t id)
   __attribute__ ((__nonnull__ (1)));
 

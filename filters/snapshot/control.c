@@ -91,7 +91,7 @@ describe_checkpoint (struct jw *w, size_t i)
   jw_key (w, "kind");
   jw_string (w, snap ? "snapshot" : "bitmap");
   jw_key (w, "mode");
-  jw_string (w, "row");
+  jw_string (w, store.kind->name);
   jw_key (w, "created");
   jw_int (w, c->created);
   jw_key (w, "created_iso");
@@ -168,7 +168,7 @@ cmd_list (const struct json *req)
   jw_key (&w, "store");
   jw_string (&w, store.dir);
   jw_key (&w, "mode");
-  jw_string (&w, "row");
+  jw_string (&w, store.kind->name);
   jw_key (&w, "block_size");
   jw_uint (&w, store.block_size);
   jw_key (&w, "size");
@@ -452,12 +452,17 @@ describe_job (struct jw *w, const struct job *j)
   jw_key (w, "name");
   jw_string (w, j->name);
   if (j->kind == JOB_DELETE) {
+    static const char *const strategies[] = { "commit", "stream", "move" };
     jw_key (w, "strategy");
-    jw_string (w, j->strategy == STRATEGY_COMMIT ? "commit" : "stream");
+    jw_string (w, strategies[j->strategy]);
     jw_key (w, "commit_bytes");
     jw_uint (w, j->commit_bytes);
     jw_key (w, "stream_bytes");
     jw_uint (w, j->stream_bytes);
+    if (j->strategy == STRATEGY_MOVE) {
+      jw_key (w, "move_bytes");
+      jw_uint (w, j->move_bytes);
+    }
     jw_key (w, "keep_bitmap");
     jw_bool (w, j->keep_bitmap);
     jw_key (w, "output");

@@ -66,6 +66,24 @@ run_len (uint64_t p, uint64_t q)
   return MIN (q << PAGE_SHIFT, store.size) - (p << PAGE_SHIFT);
 }
 
+/* Pages held by layer lo that layer up lacks (lo < 0: the origin). */
+uint64_t
+pages_missing (ssize_t lo, size_t up)
+{
+  const struct sbitmap *u = &store.layers[up]->map;
+  uint64_t n = 0, p;
+
+  if (lo < 0)
+    return store.npages - sbitmap_count (u);
+  p = sbitmap_find_next_set (&store.layers[lo]->map, 0);
+  while (p < store.npages) {
+    uint64_t e = sbitmap_find_next_clear (&store.layers[lo]->map, p);
+    n += (e - p) - sbitmap_count_range (u, p, e - p);
+    p = sbitmap_find_next_set (&store.layers[lo]->map, e);
+  }
+  return n;
+}
+
 uint64_t
 pages_bytes (uint64_t pages)
 {

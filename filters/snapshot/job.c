@@ -109,6 +109,60 @@ abandon_job (struct job *j)
                   j->id);
 }
 
+/* ---- Ending a delete (store.lock exclusive) ---- */
+
+int
+job_undo_end (struct job *j, struct manifest *saved, char **errmsg)
+{
+  int e = errno;
+
+  manifest_free (&store.m);
+  store.m = *saved;
+  set_errmsg (errmsg, "finishing the delete of '%s': %s", j->name,
+              strerror (e));
+  errno = e;
+  return -1;
+}
+
+int
+job_end_delete (struct job *j, size_t ci, ssize_t drop,
+                struct manifest *saved, char **errmsg)
+{
+  const size_t nckpts = store.m.nckpts;
+  const bool forget = !j->keep_bitmap;
+
+  /* Bits set in memory only while a snapshot was the newest checkpoint
+   * must be on disk before it stops being one (store.maps still matches
+   * the checkpoint list here).
+   */
+  if (ckpt_persist_active () == -1)
+    return job_undo_end (j, saved, errmsg);
+
+  /* The snapshot goes; its checkpoint stays as bitmap-only with
+   * --keep-bitmap, else its bits fold into the next older one.
+   */
+  if (j->keep_bitmap) {
+    store.m.ckpts[ci].kind = CKPT_BITMAP;
+    store.m.ckpts[ci].layer = 0;
+  }
+  else {
+    if (ckpt_fold (ci) == -1 || store_drop_id (store.m.ckpts[ci].map) == -1)
+      return job_undo_end (j, saved, errmsg);
+    manifest_remove_checkpoint (&store.m, ci);
+  }
+  store.m.job.kind = JOB_NONE;
+  if (store_save () == -1)
+    return job_undo_end (j, saved, errmsg);
+  manifest_free (saved);
+
+  /* Now the in-memory structures follow the manifest. */
+  if (forget)
+    ckpt_forget (ci, nckpts);
+  if (drop >= 0)
+    job_drop_layer (drop);
+  return 0;
+}
+
 /* ---- The job thread ---- */
 
 static void

@@ -60,7 +60,8 @@ struct job {
   enum job_strategy strategy;   /* delete: commit or stream */
   bool keep_bitmap;
   char output[4096];
-  uint64_t commit_bytes, stream_bytes; /* delete: the two costs */
+  uint64_t commit_bytes, stream_bytes; /* delete (row): the two costs */
+  uint64_t move_bytes;          /* delete (cbw): the bytes moved */
   int state;                    /* enum job_state */
   uint64_t bytes_total;         /* what the plan copies (set to
                                    bytes_done when the job ends: clients
@@ -122,6 +123,19 @@ extern void job_set_end_notify (void (*fn) (void));
  */
 extern uint64_t job_launch (struct job *j, bool push, char **errmsg);
 
+/* The end of a delete of checkpoint ci, once the kind has changed the
+ * manifest's layers (store.lock exclusive): the snapshot goes (kept as
+ * a bitmap-only checkpoint with --keep-bitmap, else its bits folded
+ * into the next older map), the job line goes, in one save; then layer
+ * index drop (unless -1) is dropped.  saved is the manifest as it was
+ * before the kind's changes: on error it is put back (job_undo_end)
+ * and *errmsg set.  Return 0 or -1.
+ */
+extern int job_end_delete (struct job *j, size_t ci, ssize_t drop,
+                           struct manifest *saved, char **errmsg);
+extern int job_undo_end (struct job *j, struct manifest *saved,
+                         char **errmsg);
+
 /* A dropped layer (store.lock exclusive): remove store.layers[i], the
  * manifest having stopped naming it; its files are deleted once the
  * job has ended.
@@ -143,6 +157,9 @@ extern int job_scan (struct job *j);
  */
 extern int layer_put (struct layer *l, const char *buf, uint64_t p,
                       uint64_t q);
+
+/* Pages held by layer lo (lo < 0: the origin) that layer up lacks. */
+extern uint64_t pages_missing (ssize_t lo, size_t up);
 
 /* Bytes of pages, clipped to the volume; byte range of pages [p, q). */
 extern uint64_t pages_bytes (uint64_t pages);

@@ -35,6 +35,12 @@ struct view {
   const struct sbitmap *top;
   int top_src;
   const struct view *below;
+  /* The origin under this view is written while it is read (cbw): a
+   * page read from the origin is looked up again afterwards, and read
+   * from a layer that got it meanwhile (its old contents, kept there
+   * before the origin was overwritten).
+   */
+  bool recheck;
 };
 
 struct job;
@@ -91,6 +97,9 @@ struct kind {
   int (*prepare_revert) (struct job *j, size_t ci, bool *push,
                          char **errmsg);
   int (*plan) (struct job *j, char **errmsg);
+
+  /* At a clean stop, after the last client (may be NULL). */
+  void (*close) (void);
 };
 
 extern const struct kind row_kind;

@@ -468,7 +468,7 @@ origin_is_live (void)
 
   if (store.m.origin_retired)
     return false;
-  if (store.m.nlayers == 0)
+  if (store.m.nlayers == 0 || !store.kind->snapshots_freeze_origin)
     return true;
   if (store.m.job.kind != JOB_DELETE ||
       store.m.job.strategy != STRATEGY_COMMIT)

@@ -204,23 +204,6 @@ upper_index (const struct manifest_checkpoint *c)
   return store_snapshot_depth (c);
 }
 
-/* Pages held by layer lo that layer up lacks (lo < 0: the origin). */
-static uint64_t
-pages_missing (ssize_t lo, size_t up)
-{
-  const struct sbitmap *u = &store.layers[up]->map;
-  uint64_t n = 0, p;
-
-  if (lo < 0)
-    return store.npages - sbitmap_count (u);
-  p = sbitmap_find_next_set (&store.layers[lo]->map, 0);
-  while (p < store.npages) {
-    uint64_t e = sbitmap_find_next_clear (&store.layers[lo]->map, p);
-    n += (e - p) - sbitmap_count_range (u, p, e - p);
-    p = sbitmap_find_next_set (&store.layers[lo]->map, e);
-  }
-  return n;
-}
 
 /* Pages a revert copies: those held by a layer outside the reverted-to
  * view (below the newest), each once, that the newest layer lacks.
@@ -379,19 +362,22 @@ static int
 finish_delete (struct job *j, char **errmsg)
 {
   ssize_t ci = manifest_find_checkpoint (&store.m, j->name);
-  const size_t nckpts = store.m.nckpts;
   struct manifest saved;
-  bool forget;
+  ssize_t drop = -1;
 
   assert (ci >= 0);
-  if (manifest_dup (&store.m, &saved) == -1)
-    goto err;
+  if (manifest_dup (&store.m, &saved) == -1) {
+    set_errmsg (errmsg, "finishing the delete of '%s': %s",
+                j->name, strerror (errno));
+    return -1;
+  }
 
   if (j->strategy == STRATEGY_COMMIT) {
     /* Upper's pages are all in lower now. */
     manifest_remove_layer (&store.m, store.layers[j->upper]->id);
     if (store_drop_id (store.layers[j->upper]->id) == -1)
-      goto err_restore;
+      goto err;
+    drop = j->upper;
   }
   else {
     uint64_t up_id = store.layers[j->upper]->id;
@@ -399,7 +385,8 @@ finish_delete (struct job *j, char **errmsg)
       uint64_t lo_id = store.layers[j->lower]->id;
       manifest_remove_layer (&store.m, lo_id);
       if (store_drop_id (lo_id) == -1)
-        goto err_restore;
+        goto err;
+      drop = j->lower;
       /* A snapshot bound to lower keeps its view bound to upper. */
       for (size_t i = 0; i < store.m.nckpts; ++i)
         if (store.m.ckpts[i].kind == CKPT_SNAPSHOT &&
@@ -411,7 +398,7 @@ finish_delete (struct job *j, char **errmsg)
       store.m.has_sample = store.m.has_origin_file = false;
       if (j->output[0] &&
           give_output_name (store.layers[j->upper], j->output) == -1)
-        goto err_restore;
+        goto err;
     }
   }
   /* A commit into the origin that leaves a layer freezes it again (the
@@ -419,53 +406,11 @@ finish_delete (struct job *j, char **errmsg)
    */
   if (j->strategy == STRATEGY_COMMIT && j->lower < 0 &&
       store.m.nlayers > 0 && origin_freeze () == -1)
-    goto err_restore;
+    goto err;
+  return job_end_delete (j, ci, drop, &saved, errmsg);
 
-  /* Bits set in memory only while a snapshot was the newest checkpoint
-   * must be on disk before it stops being one (store.maps still matches
-   * the checkpoint list here).
-   */
-  if (ckpt_persist_active () == -1)
-    goto err_restore;
-
-  /* The snapshot goes; its checkpoint stays as bitmap-only with
-   * --keep-bitmap, else its bits fold into the next older one.
-   */
-  forget = !j->keep_bitmap;
-  if (j->keep_bitmap) {
-    store.m.ckpts[ci].kind = CKPT_BITMAP;
-    store.m.ckpts[ci].layer = 0;
-  }
-  else {
-    if (ckpt_fold (ci) == -1 || store_drop_id (store.m.ckpts[ci].map) == -1)
-      goto err_restore;
-    manifest_remove_checkpoint (&store.m, ci);
-  }
-  store.m.job.kind = JOB_NONE;
-  if (store_save () == -1)
-    goto err_restore;
-  manifest_free (&saved);
-
-  /* Now the in-memory structures follow the manifest. */
-  if (forget)
-    ckpt_forget (ci, nckpts);
-  if (j->strategy == STRATEGY_COMMIT)
-    job_drop_layer (j->upper);
-  else if (j->lower >= 0)
-    job_drop_layer (j->lower);
-  return 0;
-
- err_restore:
-  {
-    int e = errno;
-    manifest_free (&store.m);
-    store.m = saved;
-    errno = e;
-  }
  err:
-  set_errmsg (errmsg, "finishing the delete of '%s': %s",
-              j->name, strerror (errno));
-  return -1;
+  return job_undo_end (j, &saved, errmsg);
 }
 
 static const struct job_ops commit_ops = {

@@ -30,6 +30,7 @@ const char *store_param;
 const char *control_param;
 const char *create_param;
 uint32_t block_size_param;
+int mode_param = -1;
 bool adopt_origin_param;
 /* 256 MiB/s: with 4K random reads going on, that kept their p99 within
  * about twice its idle figure here (docs/benchmarks.md), where a job
@@ -101,13 +102,14 @@ snapshot_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   if (strcmp (key, "snapshot-mode") == 0) {
     if (strcmp (value, "row") == 0)
-      return 0;
-    if (strcmp (value, "cbw") == 0)
-      nbdkit_error ("snapshot-mode=cbw: copy-before-write mode is not "
-                    "available in this release; use row");
-    else
+      mode_param = MODE_ROW;
+    else if (strcmp (value, "cbw") == 0)
+      mode_param = MODE_CBW;
+    else {
       nbdkit_error ("snapshot-mode=%s: expected row or cbw", value);
-    return -1;
+      return -1;
+    }
+    return 0;
   }
   if (strcmp (key, "snapshot-block-size") == 0) {
     int64_t r = nbdkit_parse_size (value);
@@ -295,26 +297,31 @@ live_description (void)
 
   for (size_t i = 0; i < store.m.nckpts; ++i)
     nsnaps += store.m.ckpts[i].kind == CKPT_SNAPSHOT;
-  if (asprintf (&s, "live volume (row, %zu snapshot%s, %zu bitmap-only "
-                "checkpoint%s)", nsnaps, nsnaps == 1 ? "" : "s",
+  if (asprintf (&s, "live volume (%s, %zu snapshot%s, %zu bitmap-only "
+                "checkpoint%s)", store.kind->name, nsnaps,
+                nsnaps == 1 ? "" : "s",
                 store.m.nckpts - nsnaps,
                 store.m.nckpts - nsnaps == 1 ? "" : "s") == -1)
     return NULL;
   return s;
 }
 
-/* "row snapshot taken T, N blocks (SIZE) changed since", or for a
- * dirty/ export "changes since row snapshot taken T: N blocks (SIZE)".
+/* "row snapshot taken T, N blocks (SIZE) changed since" (or "cbw
+ * snapshot", by the store's kind), or for a dirty/ export "changes
+ * since row snapshot taken T: N blocks (SIZE)".
  */
 static char *
 checkpoint_description (size_t i, bool dirty)
 {
   const struct manifest_checkpoint *c = &store.m.ckpts[i];
-  const char *kind = c->kind == CKPT_SNAPSHOT ? "row snapshot"
-    : "bitmap-only checkpoint";
   uint64_t changed = ckpt_count_changed (i, store.m.nckpts);
-  char when[64], size[32], *s;
+  char when[64], size[32], kind[32], *s;
   int r;
+
+  if (c->kind == CKPT_SNAPSHOT)
+    snprintf (kind, sizeof kind, "%s snapshot", store.kind->name);
+  else
+    snprintf (kind, sizeof kind, "bitmap-only checkpoint");
 
   iso_time (when, sizeof when, c->created);
   human_size (size, sizeof size, MIN (changed * store.block_size,

@@ -73,6 +73,8 @@ store_lock (const char *dir)
   pthread_mutex_init (&store.job_lock, NULL);
   pthread_cond_init (&store.job_cond, NULL);
   store.revert_depth = -1;
+  store.revert_fd = -1;
+  pthread_mutex_init (&store.revert_lock, NULL);
   return 0;
 }
 
@@ -99,6 +101,8 @@ layer_free (struct layer *l)
     close (l->map_fd);
   sbitmap_free (&l->map);
   pthread_mutex_destroy (&l->flush_lock);
+  pthread_cond_destroy (&l->gc_cond);
+  pthread_mutex_destroy (&l->gc_lock);
   sbitmap_free (&l->regions);
   free (l);
 }
@@ -115,6 +119,8 @@ layer_alloc (uint64_t id)
   l->id = id;
   l->data_fd = l->map_fd = -1;
   pthread_mutex_init (&l->flush_lock, NULL);
+  pthread_mutex_init (&l->gc_lock, NULL);
+  pthread_cond_init (&l->gc_cond, NULL);
   if (sbitmap_init (&l->regions, (store.size + LAYER_REGION_BYTES - 1) /
                     LAYER_REGION_BYTES) == -1) {
     nbdkit_error ("sbitmap_init: %m");
@@ -315,6 +321,36 @@ layer_flush (struct layer *l)
 }
 
 int
+layer_sync (struct layer *l)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&l->gc_lock);
+  /* A flush that starts after this point covers every page set
+   * before it; one that is running may not.
+   */
+  const uint64_t mine = ++l->gc_seq;
+
+  while (l->gc_synced < mine) {
+    if (!l->gc_busy) {
+      const uint64_t target = l->gc_seq;
+      int r;
+
+      l->gc_busy = true;
+      pthread_mutex_unlock (&l->gc_lock);
+      r = layer_flush (l);
+      pthread_mutex_lock (&l->gc_lock);
+      l->gc_busy = false;
+      pthread_cond_broadcast (&l->gc_cond);
+      if (r == -1)
+        return -1;
+      l->gc_synced = target;
+    }
+    else
+      pthread_cond_wait (&l->gc_cond, &l->gc_lock);
+  }
+  return 0;
+}
+
+int
 layer_flush_fd (struct layer *l, int fd)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&l->flush_lock);
@@ -335,9 +371,11 @@ layer_flush_fd (struct layer *l, int fd)
   if (mapfile_collect (&l->map, &batch) == -1)
     goto out;
   /* The dirty bits of the writes behind these pages were set before
-   * the pages: make them durable before the layer claims the data.
+   * the pages: make them durable before the layer claims the data
+   * (unless every write makes its bits durable itself, kind.h).
    */
-  if (batch.n > 0 && ckpt_persist_active () == -1)
+  if (batch.n > 0 && store.kind->active_is_layered () &&
+      ckpt_persist_active () == -1)
     goto out;
   if ((data_dirty || batch.n > 0) && fdatasync (fd) == -1)
     goto out;
@@ -399,6 +437,7 @@ store_file_id (const char *name, uint64_t *id)
 {
   static const char *const forms[][2] = {
     { "layer-", ".data" }, { "layer-", ".map" }, { "dirty-", ".map" },
+    { "revert-", ".map" },
   };
 
   for (size_t i = 0; i < sizeof forms / sizeof forms[0]; ++i) {
@@ -460,12 +499,14 @@ store_load (void)
     closedir (dir);
     return 0;
   }
-  if (store.m.mode != MODE_ROW) {
-    nbdkit_error ("snapshot-store=%s: the store is in cbw mode, which is "
-                  "not available in this release", store.dir);
+  store.kind = store.m.mode == MODE_CBW ? &cbw_kind : &row_kind;
+  if (mode_param >= 0 && (enum snap_mode) mode_param != store.m.mode) {
+    nbdkit_error ("snapshot-mode=%s does not match the store %s, which is "
+                  "%s: a store keeps its kind for life",
+                  mode_param == MODE_CBW ? "cbw" : "row", store.dir,
+                  store.kind->name);
     return -1;
   }
-  store.kind = &row_kind;
   if (block_size_param && block_size_param != store.m.block_size) {
     nbdkit_error ("snapshot-block-size=%" PRIu32 " does not match the "
                   "block size of the store %s (%" PRIu32 ")",
@@ -712,8 +753,8 @@ store_open (uint64_t origin_size)
     return -1;
   }
   if (!have_manifest) {
-    store.kind = &row_kind;
-    store.m.mode = MODE_ROW;
+    store.kind = mode_param == MODE_CBW ? &cbw_kind : &row_kind;
+    store.m.mode = store.kind->mode;
     store.m.block_size = block_size_param ? block_size_param : 65536;
     store.m.size = origin_size;
     store.m.next_id = 1;
@@ -793,6 +834,9 @@ void
 store_close (void)
 {
   bool persisted = false;
+
+  if (store.kind && store.kind->close)
+    store.kind->close ();
 
   if (store.nlayers > 0 && layer_flush (store.layers[store.nlayers - 1]) == -1)
     nbdkit_error ("snapshot: flushing the newest layer: %m");

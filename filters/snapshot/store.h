@@ -72,6 +72,11 @@ struct layer {
                                    whole (view.c, top_region) */
   bool sealed;                  /* its map file is sealed (mapfile.h):
                                    unseal before changing the layer */
+  /* Group commit of layer_sync (cbw preserves): */
+  pthread_mutex_t gc_lock;
+  pthread_cond_t gc_cond;
+  uint64_t gc_seq, gc_synced;   /* requests made; made durable */
+  bool gc_busy;                 /* a sync runs */
 };
 
 /* The region a layer's data file is allocated ahead by (view.c). */
@@ -122,6 +127,15 @@ struct store {
    */
   ssize_t revert_depth;
 
+  /* cbw, while a revert runs: the pages the origin already holds as
+   * the reverted-to snapshot has them (copied back by the job, or
+   * written since by a client), kept in DIR/revert-JOB.map (cbw.c).
+   * Bits change with the pages locked; revert_lock serialises saving.
+   */
+  struct sbitmap revert_done;
+  int revert_fd;
+  pthread_mutex_t revert_lock;
+
   pthread_mutex_t job_lock;     /* protects job and the job history */
   pthread_cond_t job_cond;      /* broadcast when a job ends */
   struct job *job;              /* the running job, or NULL */
@@ -137,6 +151,7 @@ extern const char *store_param;
 extern const char *control_param;
 extern const char *create_param;
 extern uint32_t block_size_param;     /* 0 = not given */
+extern int mode_param;                /* enum snap_mode, -1 = not given */
 extern bool adopt_origin_param;       /* snapshot-adopt-origin=true */
 /* snapshot-job-rate: bytes per second a background job may copy while
  * clients are doing I/O (0 = no limit).
@@ -216,6 +231,14 @@ extern int layer_seal (struct layer *l) __attribute__ ((__nonnull__ (1)));
  * or -1 with errno set.
  */
 extern int layer_flush (struct layer *l)
+  __attribute__ ((__nonnull__ (1)));
+
+/* Make every page set in l so far durable, data then map, sharing one
+ * layer_flush with the concurrent callers (group commit: the cost is
+ * paid once per batch of writers, not once per writer).  Return 0, or
+ * -1 with errno set.
+ */
+extern int layer_sync (struct layer *l)
   __attribute__ ((__nonnull__ (1)));
 
 /* The same with the data synced through fd, another descriptor of l's

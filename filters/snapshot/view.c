@@ -110,6 +110,23 @@ view_pread (nbdkit_next *next, const struct view *v, void *buf,
     len = MIN (end, page_off (run_end)) - offset;
     if (source_pread (next, src, p, len, offset, err) == -1)
       return -1;
+    /* A page kept in a layer while the origin was read: that copy is
+     * what the view holds.
+     */
+    if (src < 0 && v->recheck) {
+      for (uint64_t q = pg; q < run_end; ) {
+        uint64_t e, from, to;
+        int s2 = view_source (v, q, run_end, &e);
+        if (s2 >= 0) {
+          from = MAX (offset, page_off (q));
+          to = MIN (offset + len, page_off (e));
+          if (source_pread (next, s2, p + (from - offset), to - from, from,
+                            err) == -1)
+            return -1;
+        }
+        q = e;
+      }
+    }
     p += len;
     offset += len;
   }

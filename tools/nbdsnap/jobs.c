@@ -78,14 +78,21 @@ print_job_reply (const struct command *cmd, const struct json *reply,
                  FILE *out)
 {
   const struct json *j = json_get (reply, "job");
-  int64_t cb, sb;
+  int64_t cb, sb, mb;
 
   if (j == NULL || j->type != JSON_OBJECT) {
     bad_reply (cmd, "missing object \"job\"");
     return -1;
   }
-  if (json_get_int (j, "commit_bytes", &cb) &&
-      json_get_int (j, "stream_bytes", &sb)) {
+  if (json_get_int (j, "move_bytes", &mb)) {
+    char h1[32];
+    /* A copy-before-write snapshot: its blocks move to the older one. */
+    fprintf (out, "deleting snapshot '%s' by move: %s move into the next "
+             "older snapshot\n", json_get_string (j, "name"),
+             human_size (h1, sizeof h1, mb));
+  }
+  else if (json_get_int (j, "commit_bytes", &cb) &&
+           json_get_int (j, "stream_bytes", &sb)) {
     char h1[32], h2[32];
     const char *strategy = json_get_string (j, "strategy");
     fprintf (out, "deleting snapshot '%s' by %s: commit moves %s, "
