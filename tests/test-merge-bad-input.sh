@@ -3,9 +3,9 @@
 # Merge jobs refuse bad input with clear errors and lose nothing.
 # Each refusal exits 1 with nothing on stdout and the reason on
 # stderr: an unknown snapshot; a bad strategy; --output onto an
-# existing file, with commit, or for a snapshot that is not the
-# oldest; merge options and revert for a bitmap-only checkpoint; an
-# unknown job to cancel or wait for; a snapshot in use by a snap/ or
+# existing file, or for a snapshot that is not the oldest; merge
+# options and revert for a bitmap-only checkpoint; an unknown job to
+# cancel or wait for; a snapshot in use by a snap/ or
 # dirty/ connection; a second job on the same snapshot, or on another,
 # while one runs; a snapshot taken during a revert; cancelling a
 # revert or a commit.  A cancelled stream leaves everything as it was.
@@ -142,10 +142,10 @@ touch $tmp/exists.img
 expect_error "the file exists" delete s1 --strategy=stream \
              --output=$tmp/exists.img
 [ ! -s $tmp/exists.img ] || fail "--output wrote over an existing file"
-expect_error "--output applies only when" \
-             delete s1 --strategy=commit --output=$tmp/new.img
-expect_error "--output applies only when" \
-             delete s2 --strategy=stream --output=$tmp/new.img
+for strategy in commit stream auto; do
+    expect_error "--output applies only to the oldest snapshot" \
+                 delete s2 --strategy=$strategy --output=$tmp/new.img
+done
 [ ! -e $tmp/new.img ] || fail "a refused --output created the file"
 
 # A bitmap-only checkpoint has no data to merge or revert to.

@@ -407,10 +407,18 @@ origin_note_config (const char *key, const char *value)
       !S_ISREG (st.st_mode))
     return;
   free (file_path);
-  file_path = strdup (value);
+  file_path = realpath (value, NULL);
+  if (file_path == NULL)
+    return;
   have_file = true;
   file_dev = st.st_dev;
   file_ino = st.st_ino;
+}
+
+const char *
+origin_file (void)
+{
+  return have_file ? file_path : NULL;
 }
 
 #define SAMPLES 16

@@ -51,6 +51,11 @@ extern int origin_pwrite (const void *buf, uint32_t len, uint64_t off);
  * origin_identity_close records it at a clean stop.
  */
 extern void origin_note_config (const char *key, const char *value);
+
+/* The absolute path of the origin's file (file=PATH of a regular
+ * file), or NULL when it is not known.
+ */
+extern const char *origin_file (void);
 extern int origin_identity_check (int64_t size, bool adopt);
 extern int origin_identity_open (void);
 extern int origin_freeze (void);

@@ -316,6 +316,30 @@ stream_target (struct job *j)
   return store.layers[j->upper];
 }
 
+/* Give the file path a second name, output, durably: a hard link in
+ * output's directory (already there after a crash: fine).
+ */
+static int
+link_output (const char *path, const char *output)
+{
+  struct stat st1, st2;
+
+  if (link (path, output) == -1) {
+    if (errno != EEXIST || stat (path, &st1) == -1 ||
+        stat (output, &st2) == -1 || st1.st_ino != st2.st_ino ||
+        st1.st_dev != st2.st_dev)
+      return -1;
+  }
+  {
+    CLEANUP_FREE char *odir = strdup (output);
+    char *slash = odir ? strrchr (odir, '/') : NULL;
+    if (slash == NULL)
+      return -1;                /* output is absolute (control.c) */
+    slash[slash == odir ? 1 : 0] = '\0';
+    return fsync_dir (odir);
+  }
+}
+
 /* Give upper's data file its final name, atomically: hard link it as
  * output, then replace the store's name with a symlink to it.  Done
  * again after a crash, it finds the link in place.
@@ -326,30 +350,17 @@ give_output_name (struct layer *l, const char *output)
   CLEANUP_FREE char *data = layer_path (l->id, "data");
   CLEANUP_FREE char *tmp = NULL;
   CLEANUP_FREE char *target = NULL;
-  struct stat st1, st2;
 
   if (data == NULL || asprintf (&tmp, "%s.link", data) == -1)
     return -1;
   target = realpath (data, NULL);
   if (target && strcmp (target, output) == 0)
     return 0;                   /* Already done. */
-  if (link (data, output) == -1) {
-    if (errno != EEXIST || stat (data, &st1) == -1 ||
-        stat (output, &st2) == -1 || st1.st_ino != st2.st_ino)
-      return -1;
-  }
   /* The new name must be durable before the store's name points at
    * it.
    */
-  {
-    CLEANUP_FREE char *odir = strdup (output);
-    char *slash = odir ? strrchr (odir, '/') : NULL;
-    if (slash == NULL)
-      return -1;                /* output is absolute (control.c) */
-    slash[slash == odir ? 1 : 0] = '\0';
-    if (fsync_dir (odir) == -1)
-      return -1;
-  }
+  if (link_output (data, output) == -1)
+    return -1;
   unlink (tmp);
   if (symlink (output, tmp) == -1 || rename (tmp, data) == -1 ||
       fsync_dir (store.dir) == -1)
@@ -402,11 +413,17 @@ finish_delete (struct job *j, char **errmsg)
     }
   }
   /* A commit into the origin that leaves a layer freezes it again (the
-   * job has synced it).
+   * job has synced it); with --output, the origin's file (now the
+   * merged image) gets that name too.
    */
-  if (j->strategy == STRATEGY_COMMIT && j->lower < 0 &&
-      store.m.nlayers > 0 && origin_freeze () == -1)
-    goto err;
+  if (j->strategy == STRATEGY_COMMIT && j->lower < 0) {
+    if (store.m.nlayers > 0 && origin_freeze () == -1)
+      goto err;
+    if (j->output[0] &&
+        (origin_file () == NULL ||
+         link_output (origin_file (), j->output) == -1))
+      goto err;
+  }
   return job_end_delete (j, ci, drop, &saved, errmsg);
 
  err:
@@ -514,6 +531,35 @@ static const struct job_ops revert_ops = {
 
 /* ---- Starting and planning jobs (store.lock exclusive) ---- */
 
+/* Whether --output=output can name what a merge leaves: a hard link
+ * to path, which must then be on output's file system.  If not, set
+ * *errmsg (what names the thing) and return false.
+ */
+static bool
+output_can_name (const char *output, const char *path, const char *what,
+                 char **errmsg)
+{
+  CLEANUP_FREE char *dir = strdup (output);
+  char *slash = dir ? strrchr (dir, '/') : NULL;
+  struct stat st, pst;
+
+  if (slash == NULL)
+    return false;
+  slash[slash == dir ? 1 : 0] = '\0';
+  if (stat (dir, &st) == -1 || stat (path, &pst) == -1) {
+    set_errmsg (errmsg, "--output=%s: %s", output, strerror (errno));
+    return false;
+  }
+  if (st.st_dev != pst.st_dev) {
+    set_errmsg (errmsg, "--output=%s: %s is on another file system than "
+                "%s (%s): the merged image gets its name by a hard link, "
+                "which needs the same file system", output, dir, what,
+                path);
+    return false;
+  }
+  return true;
+}
+
 static int
 row_prepare_delete (struct job *j, size_t ci, int strategy,
                     const char *output, bool origin_writable, bool *push,
@@ -523,32 +569,80 @@ row_prepare_delete (struct job *j, size_t ci, int strategy,
   const size_t up = upper_index (&store.m.ckpts[ci]);
   const ssize_t lo = (ssize_t) up - 1;
   const bool is_auto = strategy < 0;
+  CLEANUP_FREE char *why_commit = NULL, *why_stream = NULL;
+  bool can_commit = lo >= 0 || origin_writable;
+  bool can_stream = true;
 
   j->commit_bytes = pages_bytes (sbitmap_count (&store.layers[up]->map));
   j->stream_bytes = pages_bytes (pages_missing (lo, up));
 
-  /* auto: --output means a stream; else the fewer bytes, and a commit
-   * on a tie: it writes into space already allocated and frees the
-   * upper layer (deleted after the job ends, outside every lock),
-   * while a stream allocates new space in the sparse upper layer,
-   * which bench/merge measured slower per byte.
+  /* --output names the merged image, the volume as it is: the origin
+   * after a commit into it (a hard link to its file), the oldest layer
+   * after a stream of the origin into it.  So only when the oldest
+   * snapshot is merged with the origin, and only where the name can be
+   * given.
    */
-  if (is_auto)
-    strategy = output || j->stream_bytes < j->commit_bytes
-      ? STRATEGY_STREAM : STRATEGY_COMMIT;
-  if (strategy == STRATEGY_COMMIT && lo < 0 && !origin_writable) {
-    if (!is_auto) {
-      set_errmsg (errmsg, "cannot commit '%s' into the origin: the origin "
-                  "is read-only (nbdkit -r, or a read-only plugin); use "
-                  "--strategy=stream", name);
+  if (output) {
+    if (lo >= 0) {
+      set_errmsg (errmsg, "--output applies only to the oldest snapshot "
+                  "(merged with the origin into one image), not to '%s'",
+                  name);
       return -1;
     }
-    strategy = STRATEGY_STREAM; /* the only way without writing it */
+    if (!origin_writable)
+      set_errmsg (&why_commit, "cannot commit '%s' into the origin: the "
+                  "origin is read-only (nbdkit -r, or a read-only plugin)",
+                  name);
+    else if (origin_file () == NULL)
+      set_errmsg (&why_commit, "--output=%s after a commit would name the "
+                  "origin's file, and the filter does not know it (only the "
+                  "file plugin's file=PATH tells it)", output);
+    else {
+      char *e = NULL;
+      if (!output_can_name (output, origin_file (), "the origin", &e))
+        why_commit = e;
+    }
+    {
+      CLEANUP_FREE char *data = layer_path (store.layers[up]->id, "data");
+      char *e = NULL;
+      if (data == NULL || !output_can_name (output, data, "the store", &e))
+        why_stream = e ? e : strdup ("out of memory");
+    }
+    can_commit = why_commit == NULL;
+    can_stream = why_stream == NULL;
+    if (!can_commit && !can_stream) {
+      set_errmsg (errmsg, "%s; and %s", why_commit, why_stream);
+      return -1;
+    }
   }
-  if (output && (strategy != STRATEGY_STREAM || lo >= 0)) {
-    set_errmsg (errmsg, "--output applies only when '%s' is streamed "
-                "into the oldest layer (the oldest snapshot, with "
-                "--strategy=stream)", name);
+
+  /* auto: the fewer bytes, and a commit on a tie: it writes into space
+   * already allocated and frees the upper layer (deleted after the job
+   * ends, outside every lock), while a stream allocates new space in
+   * the sparse upper layer, which bench/merge measured slower per
+   * byte.  A direction that cannot run (a read-only origin, an output
+   * name it cannot give) leaves the other.
+   */
+  if (is_auto) {
+    strategy = j->stream_bytes < j->commit_bytes
+      ? STRATEGY_STREAM : STRATEGY_COMMIT;
+    if (strategy == STRATEGY_COMMIT && lo < 0 && !can_commit)
+      strategy = STRATEGY_STREAM;
+    else if (strategy == STRATEGY_STREAM && !can_stream)
+      strategy = STRATEGY_COMMIT;
+  }
+  if (strategy == STRATEGY_COMMIT && lo < 0 && !origin_writable) {
+    set_errmsg (errmsg, "cannot commit '%s' into the origin: the origin "
+                "is read-only (nbdkit -r, or a read-only plugin); use "
+                "--strategy=stream", name);
+    return -1;
+  }
+  if (output && strategy == STRATEGY_COMMIT && !can_commit) {
+    set_errmsg (errmsg, "%s", why_commit);
+    return -1;
+  }
+  if (output && strategy == STRATEGY_STREAM && !can_stream) {
+    set_errmsg (errmsg, "%s", why_stream);
     return -1;
   }
   j->strategy = strategy;

@@ -99,6 +99,11 @@ print_job_reply (const struct command *cmd, const struct json *reply,
              "stream moves %s\n", json_get_string (j, "name"),
              strategy ? strategy : "?",
              human_size (h1, sizeof h1, cb), human_size (h2, sizeof h2, sb));
+    if (json_get_string (j, "output"))
+      fprintf (out, "%s will name the merged image: a hard link to %s\n",
+               json_get_string (j, "output"),
+               strategy && strcmp (strategy, "commit") == 0
+               ? "the origin's file" : "the store's merged layer");
   }
   print_job (out, j);
   return 0;
