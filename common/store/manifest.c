@@ -42,6 +42,10 @@ manifest_format (const struct manifest *m, size_t *len)
       fprintf (fp, "checkpoint %s kind=snapshot created=%" PRIi64
                " layer=%" PRIu64 " map=%" PRIu64 "\n",
                c->name, c->created, c->layer, c->map);
+    else if (c->invalidated)
+      fprintf (fp, "checkpoint %s kind=bitmap created=%" PRIi64
+               " map=%" PRIu64 " invalidated=%" PRIi64 "\n",
+               c->name, c->created, c->map, c->invalidated);
     else
       fprintf (fp, "checkpoint %s kind=bitmap created=%" PRIi64
                " map=%" PRIu64 "\n", c->name, c->created, c->map);
@@ -182,6 +186,13 @@ manifest_parse (const char *where, const char *text, size_t len,
                         " map=%" SCNu64 "%n",
                         name, &c.created, &c.map, &end) == 3) &&
                end >= 0 && line[end] == '\0')
+        c.kind = CKPT_BITMAP;
+      else if ((end = -1,
+                sscanf (line, "checkpoint %65s kind=bitmap created=%" SCNi64
+                        " map=%" SCNu64 " invalidated=%" SCNi64 "%n",
+                        name, &c.created, &c.map, &c.invalidated,
+                        &end) == 4) &&
+               end >= 0 && line[end] == '\0' && c.invalidated > 0)
         c.kind = CKPT_BITMAP;
       else {
         snap_error ("%s: line %d: bad checkpoint line", where, lineno);

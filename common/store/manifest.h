@@ -19,6 +19,9 @@
  *   checkpoint hourly kind=snapshot created=1764387000 layer=4 map=5
  *   crc 0x8c2a61f0
  *
+ * A bitmap-only checkpoint that was a snapshot until the store was
+ * full (snapshot-full=invalidate) ends with "invalidated=TIME".
+ *
  * Layers and checkpoints are listed oldest first.  A snapshot's
  * "layer" is the id of the layer that was started when it was taken:
  * in row mode its view is every layer with a smaller id, then the
@@ -70,6 +73,9 @@ struct manifest_checkpoint {
   uint64_t layer;               /* Snapshots: id of the layer started
                                    when taken.  Bitmaps: 0. */
   uint64_t map;                 /* Id of its dirty map. */
+  int64_t invalidated;          /* Bitmaps: when it stopped being a
+                                   snapshot because the store was full
+                                   (Unix time), else 0. */
 };
 
 /* The background job in progress, if any (the journal: a job named

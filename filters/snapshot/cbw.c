@@ -130,12 +130,28 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
 {
   struct layer *l;
   CLEANUP_FREE char *buf = NULL;
+  CLEANUP_FREE uint8_t *fresh = NULL;   /* pages kept here: 1 */
   bool kept = false;
   uint64_t p = first;
 
   if (store.nlayers == 0)
     return 0;
   l = store.layers[store.nlayers - 1];
+  /* Room for the pages to keep (snapshot-max-size): if not, the
+   * origin is not written.
+   */
+  if (max_size_param) {
+    uint64_t n = last - first + 1;
+    int r = store_room (n - sbitmap_count_range (&l->map, first, n), err);
+    if (r != 0)
+      return r;
+  }
+  fresh = calloc (last - first + 1, 1);
+  if (fresh == NULL) {
+    *err = errno;
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
   while (p <= last) {
     uint64_t q;
 
@@ -153,17 +169,22 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
       }
     }
     if (origin_read_pages (next, buf, p, q, err) == -1)
-      return -1;
+      goto forget;
     /* Data, then bits: a reader that sees the bit finds the data. */
     if (full_pwrite (l->data_fd, buf, run_len (p, q), run_off (p)) == -1)
       goto err;
     __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+    memset (&fresh[p - first], 1, q - p);
     if (sbitmap_set_range (&l->map, p, q - p) == -1)
       goto err;
     kept = true;
     p = q;
   }
-  /* Durable before the origin is overwritten (guarantee 2). */
+  /* Durable before the origin is overwritten (guarantee 2).  If that
+   * fails (a full disk), forget the pages kept here: the origin is not
+   * written, and the next write to them keeps them again rather than
+   * trusting a copy that may not be on disk.
+   */
   if (kept && layer_sync (l) == -1)
     goto err;
   return 0;
@@ -171,6 +192,10 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
  err:
   *err = errno;
   nbdkit_error ("layer %" PRIu64 ": keeping the old contents: %m", l->id);
+ forget:
+  for (p = first; p <= last; ++p)
+    if (fresh[p - first])
+      sbitmap_clear (&l->map, p);
   return -1;
 }
 
@@ -209,7 +234,15 @@ revert_pages (nbdkit_next *next, char *buf, uint64_t p, uint64_t q,
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&bg_lock);
     r = view_pread (bg_next, &v, buf, run_len (p, q), run_off (p), err);
   }
-  if (r == -1 || preserve (next, p, q - 1, err) == -1)
+  if (r == -1)
+    return -1;
+  /* No snapshot is invalidated while a revert runs: a full store fails
+   * the revert's write.
+   */
+  r = preserve (next, p, q - 1, err);
+  if (r == STORE_FULL)
+    *err = ENOSPC;
+  if (r != 0)
     return -1;
   if (next)
     r = next->pwrite (next, buf, run_len (p, q), run_off (p), 0, err);
@@ -313,6 +346,7 @@ cbw_write (nbdkit_next *next, enum op op, const void *buf, uint32_t count,
     if (ret == 0)
       ret = preserve (next, first, last, err);
   }
+  /* STORE_FULL: nothing was written; the caller makes room. */
   if (ret == 0) {
     switch (op) {
     case OP_WRITE:

@@ -110,6 +110,12 @@ describe_checkpoint (struct jw *w, size_t i)
   jw_uint (w, store_checkpoint_disk_bytes (i));
   jw_key (w, "connections");
   jw_uint (w, store_connections (i));
+  /* Snapshots invalidated when the store was full, and when. */
+  jw_key (w, "invalidated");
+  if (c->invalidated)
+    jw_string (w, iso_time (when, sizeof when, c->invalidated));
+  else
+    jw_null (w);
 }
 
 static char *
@@ -175,6 +181,11 @@ cmd_list (const struct json *req)
   jw_uint (&w, store.size);
   jw_key (&w, "disk_bytes");
   jw_uint (&w, store_disk_bytes ());
+  jw_key (&w, "max_size");
+  if (max_size_param)
+    jw_uint (&w, max_size_param);
+  else
+    jw_null (&w);
   jw_key (&w, "checkpoints");
   jw_begin_array (&w);
   for (size_t i = 0; i < store.m.nckpts; ++i) {

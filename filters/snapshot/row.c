@@ -102,11 +102,31 @@ row_below_view (struct view *v)
 
 /* ---- Writes to the live volume ---- */
 
+/* Whether the pages of [offset, offset+count) that the newest layer
+ * lacks fit in the store (snapshot-max-size).  Return 0, or -1 with
+ * *err set.
+ */
+static int
+row_room (uint32_t count, uint64_t offset, int *err)
+{
+  const struct sbitmap *top;
+  uint64_t first, n;
+
+  if (max_size_param == 0 || store.nlayers == 0)
+    return 0;
+  top = &store.layers[store.nlayers - 1]->map;
+  first = offset >> PAGE_SHIFT;
+  n = ((offset + count - 1) >> PAGE_SHIFT) - first + 1;
+  /* A row store cannot make room: the result is 0 or -1. */
+  return store_room (n - sbitmap_count_range (top, first, n), err);
+}
+
 static int
 row_pwrite (nbdkit_next *next, const void *buf, uint32_t count,
             uint64_t offset, uint32_t flags, int *err)
 {
-  if (ckpt_mark_write (count, offset, err) == -1)
+  if (row_room (count, offset, err) == -1 ||
+      ckpt_mark_write (count, offset, err) == -1)
     return -1;
   if (store.nlayers == 0)
     return origin_client_pwrite (next, buf, count, offset, flags, err);
@@ -123,7 +143,8 @@ row_zero (nbdkit_next *next, uint32_t count, uint64_t offset,
     *err = ENOTSUP;
     return -1;
   }
-  if (ckpt_mark_write (count, offset, err) == -1)
+  if (row_room (count, offset, err) == -1 ||
+      ckpt_mark_write (count, offset, err) == -1)
     return -1;
   if (store.nlayers == 0)
     return origin_client_zero (next, count, offset, flags, err);

@@ -31,6 +31,8 @@ const char *control_param;
 const char *create_param;
 uint32_t block_size_param;
 int mode_param = -1;
+uint64_t max_size_param;
+int full_param = -1;
 bool adopt_origin_param;
 /* 256 MiB/s: with 4K random reads going on, that kept their p99 within
  * about twice its idle figure here (docs/benchmarks.md), where a job
@@ -144,6 +146,27 @@ snapshot_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     control_param = value;
     return 0;
   }
+  if (strcmp (key, "snapshot-max-size") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1) {
+      nbdkit_error ("snapshot-max-size=%s: not a size (the most data the "
+                    "store may hold; 0 for no limit)", value);
+      return -1;
+    }
+    max_size_param = r;
+    return 0;
+  }
+  if (strcmp (key, "snapshot-full") == 0) {
+    if (strcmp (value, "invalidate") == 0)
+      full_param = FULL_INVALIDATE;
+    else if (strcmp (value, "error") == 0)
+      full_param = FULL_ERROR;
+    else {
+      nbdkit_error ("snapshot-full=%s: expected invalidate or error", value);
+      return -1;
+    }
+    return 0;
+  }
   if (strcmp (key, "snapshot-adopt-origin") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1) {
@@ -188,6 +211,9 @@ snapshot_config_complete (nbdkit_next_config_complete *next,
   "snapshot-job-rate=SIZE     Job copy rate per second while clients do I/O\n" \
   "                           (default 256M; 0 = no limit).\n" \
   "snapshot-create=NAME       Take snapshot NAME at start-up.\n" \
+  "snapshot-max-size=SIZE     The most data the store may hold (0: no limit).\n" \
+  "snapshot-full=invalidate|error  When full: drop the oldest snapshot\n" \
+  "                           (cbw; the default there) or fail the write.\n" \
   "snapshot-adopt-origin=true Accept an origin that does not match the\n" \
   "                           store (moved or replaced on purpose)."
 
@@ -203,6 +229,8 @@ snapshot_get_ready (int thread_model)
 {
   origin_set_parallel (thread_model == NBDKIT_THREAD_MODEL_PARALLEL);
   if (store_lock (store_param) == -1 || store_load () == -1)
+    return -1;
+  if (store_check_full_policy () == -1)
     return -1;
   /* Refuse a duplicate before forking, so the command line says so. */
   if (create_param &&
@@ -553,8 +581,21 @@ struct route {
   ssize_t from, to;             /* DIRTY: checkpoint range [from, to) */
 };
 
-static void
-route (struct handle *h, struct route *r)
+/* A snapshot a connection reads stopped being one: the store was full
+ * and it was invalidated (snapshot-full=invalidate).
+ */
+static int
+invalidated (const char *name, int *err)
+{
+  nbdkit_error ("snapshot '%s' was invalidated (the store was full): its "
+                "data is gone", name);
+  *err = EIO;
+  return -1;
+}
+
+/* Where a connection reads from.  Return 0, or -1 with *err set. */
+static int
+route (struct handle *h, struct route *r, int *err)
 {
   ssize_t i;
 
@@ -562,26 +603,30 @@ route (struct handle *h, struct route *r)
   switch (h->kind) {
   case EXPORT_LIVE:
     store.kind->live_view (&r->view, &r->below);
-    return;
+    return 0;
   case EXPORT_SNAP:
-    /* References keep the snapshot from being deleted. */
+    /* References keep the checkpoint from being deleted. */
     i = manifest_find_checkpoint (&store.m, h->name);
     assert (i >= 0);
+    if (store.m.ckpts[i].kind != CKPT_SNAPSHOT)
+      return invalidated (h->name, err);
     store.kind->snapshot_view (i, &r->view);
-    return;
+    return 0;
   case EXPORT_DIRTY:
     r->from = manifest_find_checkpoint (&store.m, h->name);
     assert (r->from >= 0);
     if (h->to[0]) {
       r->to = manifest_find_checkpoint (&store.m, h->to);
       assert (r->to >= 0);
+      if (store.m.ckpts[r->to].kind != CKPT_SNAPSHOT)
+        return invalidated (h->to, err);
       store.kind->snapshot_view (r->to, &r->view);
     }
     else {
       r->to = store.m.nckpts;
       store.kind->live_view (&r->view, &r->below);
     }
-    return;
+    return 0;
   }
   abort ();
 }
@@ -695,44 +740,75 @@ snapshot_pread (nbdkit_next *next, void *handle, void *buf,
   struct route r;
 
   note_request ();
-  route (handle, &r);
+  if (route (handle, &r, err) == -1)
+    return -1;
   if (r.from >= 0)
     return dirty_pread (next, r.from, r.to, &r.view, buf, count, offset,
                         err);
   return view_pread (next, &r.view, buf, count, offset, err);
 }
 
+/* A write, zero or trim of the live volume.  When the store is full
+ * and the policy is to invalidate snapshots (snapshot-full), the kind
+ * says STORE_FULL: make room with the store unlocked, and try again.
+ */
+enum write_op { WRITE_DATA, WRITE_ZERO, WRITE_TRIM };
+
+static int
+live_write (nbdkit_next *next, void *handle, enum write_op op,
+            const void *buf, uint32_t count, uint64_t offset, uint32_t flags,
+            int *err)
+{
+  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
+  note_request ();
+  for (;;) {
+    int r;
+
+    {
+      ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
+      switch (op) {
+      case WRITE_DATA:
+        r = store.kind->pwrite (next, buf, count, offset, flags, err);
+        break;
+      case WRITE_ZERO:
+        r = store.kind->zero (next, count, offset, flags, err);
+        break;
+      case WRITE_TRIM:
+        r = store.kind->trim (next, count, offset, flags, err);
+        break;
+      default:
+        abort ();
+      }
+    }
+    if (r != STORE_FULL)
+      return r;
+    if (store_invalidate_oldest (err) == -1)
+      return -1;
+  }
+}
+
 static int
 snapshot_pwrite (nbdkit_next *next, void *handle, const void *buf,
                  uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-
-  note_request ();
-  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  return store.kind->pwrite (next, buf, count, offset, flags, err);
+  return live_write (next, handle, WRITE_DATA, buf, count, offset, flags,
+                     err);
 }
 
 static int
 snapshot_zero (nbdkit_next *next, void *handle, uint32_t count,
                uint64_t offset, uint32_t flags, int *err)
 {
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-
-  note_request ();
-  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  return store.kind->zero (next, count, offset, flags, err);
+  return live_write (next, handle, WRITE_ZERO, NULL, count, offset, flags,
+                     err);
 }
 
 static int
 snapshot_trim (nbdkit_next *next, void *handle, uint32_t count,
                uint64_t offset, uint32_t flags, int *err)
 {
-  ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
-
-  note_request ();
-  assert (((struct handle *) handle)->kind == EXPORT_LIVE);
-  return store.kind->trim (next, count, offset, flags, err);
+  return live_write (next, handle, WRITE_TRIM, NULL, count, offset, flags,
+                     err);
 }
 
 static int
@@ -761,7 +837,8 @@ snapshot_extents (nbdkit_next *next, void *handle, uint32_t count,
   struct route r;
 
   note_request ();
-  route (handle, &r);
+  if (route (handle, &r, err) == -1)
+    return -1;
   if (r.from >= 0)
     return dirty_extents (r.from, r.to, count, offset, flags, extents, err);
   return view_extents (next, &r.view, count, offset, flags, extents, err);
@@ -775,7 +852,8 @@ snapshot_cache (nbdkit_next *next, void *handle, uint32_t count,
   struct route r;
 
   note_request ();
-  route (handle, &r);
+  if (route (handle, &r, err) == -1)
+    return -1;
   return view_cache (next, &r.view, count, offset, err);
 }
 

@@ -866,6 +866,143 @@ store_close (void)
   store.dir = NULL;
 }
 
+/* ---- A full store ---- */
+
+/* The policy in force. */
+static enum full_policy
+full_policy (void)
+{
+  if (full_param >= 0)
+    return full_param;
+  /* Classic LVM snapshots are invalidated when full: the live volume
+   * keeps working.  A row store's live data is in the store: nothing
+   * can go to make room for it.
+   */
+  return store.kind == &cbw_kind ? FULL_INVALIDATE : FULL_ERROR;
+}
+
+int
+store_check_full_policy (void)
+{
+  const struct kind *kind = store.kind;
+
+  if (kind == NULL)             /* a new store */
+    kind = mode_param == MODE_CBW ? &cbw_kind : &row_kind;
+  if (full_param == FULL_INVALIDATE && kind != &cbw_kind) {
+    nbdkit_error ("snapshot-full=invalidate: the store %s is %s "
+                  "(redirect-on-write), whose live volume's data is in the "
+                  "store: dropping a snapshot cannot make room for it.  "
+                  "Use snapshot-full=error (the default for row stores)",
+                  store.dir, kind->name);
+    return -1;
+  }
+  return 0;
+}
+
+/* The data the layers hold, in bytes (store.lock held). */
+static uint64_t
+store_data_bytes (void)
+{
+  uint64_t pages = 0;
+
+  for (size_t i = 0; i < store.nlayers; ++i)
+    pages += sbitmap_count (&store.layers[i]->map);
+  return pages * PAGE_SIZE_BYTES;
+}
+
+/* The pages the last write of this thread found no room for. */
+static __thread uint64_t room_wanted;
+
+int
+store_room (uint64_t npages, int *err)
+{
+  uint64_t used;
+
+  if (max_size_param == 0 || npages == 0)
+    return 0;
+  used = store_data_bytes ();
+  if (used + npages * PAGE_SIZE_BYTES <= max_size_param)
+    return 0;
+  if (full_policy () == FULL_INVALIDATE && store.nlayers > 0) {
+    room_wanted = npages;
+    return STORE_FULL;
+  }
+  nbdkit_error ("snapshot-max-size=%" PRIu64 ": the store is full (it "
+                "holds %" PRIu64 " bytes, and a write needs %" PRIu64
+                " more): the write fails, every snapshot is kept",
+                max_size_param, used, npages * PAGE_SIZE_BYTES);
+  *err = ENOSPC;
+  return -1;
+}
+
+int
+store_invalidate_oldest (int *err)
+{
+  struct layer *l;
+  struct manifest saved;
+  CLEANUP_FREE char *data = NULL, *map = NULL;
+  ssize_t ci = -1;
+
+  {
+    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+
+    /* Room may have been made meanwhile (another writer). */
+    if (max_size_param == 0 || store.nlayers == 0 ||
+        store_data_bytes () + room_wanted * PAGE_SIZE_BYTES <= max_size_param)
+      return 0;
+    /* The oldest snapshot: the one whose own layer is the first. */
+    for (size_t i = 0; i < store.m.nckpts; ++i)
+      if (store.m.ckpts[i].kind == CKPT_SNAPSHOT &&
+          store.m.ckpts[i].layer == store.layers[0]->id) {
+        ci = i;
+        break;
+      }
+    if (ci < 0 || store.job || store.stuck.id) {
+      nbdkit_error ("snapshot-max-size=%" PRIu64 ": the store is full, "
+                    "and %s: the write fails", max_size_param,
+                    ci < 0 ? "no snapshot can be invalidated"
+                    : "a job runs on the snapshots");
+      *err = ENOSPC;
+      return -1;
+    }
+    l = store.layers[0];
+    data = layer_path (l->id, "data");
+    map = layer_path (l->id, "map");
+    if (data == NULL || map == NULL || manifest_dup (&store.m, &saved) == -1)
+      goto err;
+    store.m.ckpts[ci].kind = CKPT_BITMAP;
+    store.m.ckpts[ci].layer = 0;
+    store.m.ckpts[ci].invalidated = time (NULL);
+    manifest_remove_layer (&store.m, l->id);
+    if (store_drop_id (l->id) == -1 || store_save () == -1) {
+      int e = errno;
+      manifest_free (&store.m);
+      store.m = saved;
+      errno = e;
+      goto err;
+    }
+    manifest_free (&saved);
+    memmove (&store.layers[0], &store.layers[1],
+             (store.nlayers - 1) * sizeof store.layers[0]);
+    store.nlayers--;
+    nbdkit_error ("snapshot-max-size=%" PRIu64 ": the store is full: "
+                  "snapshot '%s' was invalidated to make room (its data "
+                  "is gone; it goes on as a bitmap-only checkpoint)",
+                  max_size_param, store.m.ckpts[ci].name);
+  }
+  /* Outside the lock: freeing a large file takes time. */
+  layer_free (l);
+  store_remove_path (data);
+  store_remove_path (map);
+  return 0;
+
+ err:
+  *err = errno;
+  nbdkit_error ("snapshot: invalidating a snapshot to make room: %m");
+  return -1;
+}
+
 /* ---- Snapshots ---- */
 
 size_t

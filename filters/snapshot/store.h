@@ -152,6 +152,9 @@ extern const char *control_param;
 extern const char *create_param;
 extern uint32_t block_size_param;     /* 0 = not given */
 extern int mode_param;                /* enum snap_mode, -1 = not given */
+extern uint64_t max_size_param;       /* snapshot-max-size, 0 = none */
+enum full_policy { FULL_ERROR, FULL_INVALIDATE };
+extern int full_param;                /* enum full_policy, -1 = default */
 extern bool adopt_origin_param;       /* snapshot-adopt-origin=true */
 /* snapshot-job-rate: bytes per second a background job may copy while
  * clients are doing I/O (0 = no limit).
@@ -202,6 +205,31 @@ extern int store_drop_id (uint64_t id);
  */
 extern int store_remove_path (const char *path)
   __attribute__ ((__nonnull__ (1)));
+
+/* The full-store policy (snapshot-max-size, snapshot-full).  Check it
+ * against the store's kind (before forking).  Return 0, or -1 after
+ * nbdkit_error.
+ */
+extern int store_check_full_policy (void);
+
+/* What a kind's write returns when the store is full and snapshots are
+ * to be invalidated: the caller calls store_invalidate_oldest with the
+ * store unlocked, then tries again.
+ */
+#define STORE_FULL (-2)
+
+/* Whether npages more pages fit in the store (store.lock shared):
+ * 0 if they do; -1 with *err = ENOSPC if not (reported); STORE_FULL if
+ * not and the oldest snapshot is to be invalidated.
+ */
+extern int store_room (uint64_t npages, int *err);
+
+/* Invalidate the oldest snapshot to make room (store.lock not held):
+ * it becomes a bitmap-only checkpoint (its changed blocks are still
+ * tracked) and its layer goes.  Return 0, or -1 with *err = ENOSPC if
+ * nothing can go.
+ */
+extern int store_invalidate_oldest (int *err);
 
 /* Flush and close everything (clean shutdown). */
 extern void store_close (void);

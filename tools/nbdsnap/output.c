@@ -95,6 +95,7 @@ struct checkpoint {
   const char *dirty_export;     /* dirty/NAME, or NULL */
   uint64_t changed_blocks, changed_bytes, layer_bytes;
   uint64_t disk_bytes;          /* 0 if the server did not say */
+  const char *invalidated;      /* when, or NULL */
   int64_t connections;          /* -1 if the server did not say */
 };
 
@@ -156,6 +157,7 @@ get_checkpoint (const struct command *cmd, const struct json *v,
     int64_t d;
     cp->disk_bytes = json_get_int (v, "disk_bytes", &d) && d > 0 ? d : 0;
   }
+  cp->invalidated = json_get_string (v, "invalidated");
 
   /* Prefer the server's rendering of the time; make one if absent. */
   iso = json_get_string (v, "created_iso");
@@ -217,6 +219,10 @@ print_list (const struct command *cmd, const struct json *reply, FILE *out)
              created_w, cps[i].created,
              human_size (space, sizeof space, cps[i].disk_bytes), changed);
   }
+  for (size_t i = 0; i < list->len; ++i)
+    if (cps[i].invalidated)
+      fprintf (out, "%s: snapshot invalidated at %s (the store was full)\n",
+               cps[i].name, cps[i].invalidated);
   {
     int64_t total;
     char space[32];
@@ -252,6 +258,9 @@ print_info (const struct command *cmd, const struct json *reply, FILE *out)
            human_size (h2, sizeof h2, cp.disk_bytes));
   if (cp.connections >= 0)
     fprintf (out, "connections: %" PRIi64 "\n", cp.connections);
+  if (cp.invalidated)
+    fprintf (out, "invalidated: %s (a snapshot until the store was full; "
+             "its data is gone)\n", cp.invalidated);
   return 0;
 }
 
