@@ -146,6 +146,9 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
     if (r != 0)
       return r;
   }
+  if (sbitmap_count_range (&l->map, first, last - first + 1) ==
+      last - first + 1)
+    return 0;                   /* all kept already */
   fresh = calloc (last - first + 1, 1);
   if (fresh == NULL) {
     *err = errno;
@@ -160,16 +163,13 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
       break;
     q = MIN (last + 1, sbitmap_find_next_set (&l->map, p));
     q = MIN (q, p + PRESERVE_PAGES);
-    if (buf == NULL) {
-      buf = malloc (PRESERVE_PAGES * PAGE_SIZE_BYTES);
-      if (buf == NULL) {
-        *err = errno;
-        nbdkit_error ("malloc: %m");
-        return -1;
-      }
+    if (buf == NULL && (buf = malloc (PRESERVE_PAGES * PAGE_SIZE_BYTES))
+        == NULL)
+      goto err;
+    if (origin_read_pages (next, buf, p, q, err) == -1) {
+      errno = *err;
+      goto err;
     }
-    if (origin_read_pages (next, buf, p, q, err) == -1)
-      goto forget;
     /* Data, then bits: a reader that sees the bit finds the data. */
     if (full_pwrite (l->data_fd, buf, run_len (p, q), run_off (p)) == -1)
       goto err;
@@ -192,7 +192,6 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
  err:
   *err = errno;
   nbdkit_error ("layer %" PRIu64 ": keeping the old contents: %m", l->id);
- forget:
   for (p = first; p <= last; ++p)
     if (fresh[p - first])
       sbitmap_clear (&l->map, p);
