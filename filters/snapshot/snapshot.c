@@ -212,8 +212,9 @@ snapshot_config_complete (nbdkit_next_config_complete *next,
   "                           (default 256M; 0 = no limit).\n" \
   "snapshot-create=NAME       Take snapshot NAME at start-up.\n" \
   "snapshot-max-size=SIZE     The most data the store may hold (0: no limit).\n" \
-  "snapshot-full=invalidate|error  When full: drop the oldest snapshot\n" \
-  "                           (cbw; the default there) or fail the write.\n" \
+  "snapshot-full=invalidate|error\n" \
+  "                           When full: drop the oldest snapshot (cbw;\n" \
+  "                           the default there) or fail the write.\n" \
   "snapshot-adopt-origin=true Accept an origin that does not match the\n" \
   "                           store (moved or replaced on purpose)."
 
