@@ -44,6 +44,7 @@
 #include <string.h>
 
 #include "sbitmap.h"
+#include "util.h"
 
 #define ORDER __ATOMIC_SEQ_CST
 
@@ -371,6 +372,46 @@ sbitmap_count_range (const struct sbitmap *bm, uint64_t first, uint64_t n)
     n -= len;
   }
   return total;
+}
+
+uint64_t
+sbitmap_union_run (size_t n,
+                   const struct sbitmap *(*get) (size_t i, void *opaque),
+                   void *opaque, uint64_t b, uint64_t limit, bool *any)
+{
+  uint64_t end;
+
+  assert (b < limit);
+  *any = false;
+  for (size_t i = 0; i < n; ++i)
+    if (sbitmap_test (get (i, opaque), b)) {
+      *any = true;
+      break;
+    }
+
+  if (!*any) {
+    /* Clear in every bitmap up to the first bit any of them has set. */
+    end = limit;
+    for (size_t i = 0; i < n; ++i)
+      end = MIN (end, sbitmap_find_next_set (get (i, opaque), b));
+    return end;
+  }
+
+  /* Set in one of them up to the first bit every one has clear: each
+   * pass jumps over the runs that cover end, until none does.
+   */
+  end = b;
+  for (;;) {
+    uint64_t next = end;
+    for (size_t i = 0; i < n && next < limit; ++i) {
+      const struct sbitmap *bm = get (i, opaque);
+      if (sbitmap_test (bm, next))
+        next = sbitmap_find_next_clear (bm, next);
+    }
+    if (next == end || next >= limit)
+      return MIN (next, limit);
+    end = next;
+  }
 }
 
 /* Why nothing is lost

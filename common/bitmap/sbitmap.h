@@ -111,6 +111,20 @@ extern uint64_t sbitmap_count_range (const struct sbitmap *bm,
                                      uint64_t first, uint64_t n)
   __attribute__ ((__nonnull__ (1)));
 
+/* The union of n bitmaps of the same length (get (i, opaque) returns
+ * the i-th): set *any to whether bit b is set in any of them, and
+ * return the first bit after b, at most limit (b < limit <= nbits),
+ * where that answer changes.  Costs a find per bitmap and run, a
+ * 64-bit word at a time: a changed-block query over many checkpoints'
+ * dirty maps (dirty/FROM/TO exports).
+ */
+extern uint64_t sbitmap_union_run (size_t n,
+                                   const struct sbitmap *(*get) (size_t i,
+                                                                 void *opaque),
+                                   void *opaque, uint64_t b, uint64_t limit,
+                                   bool *any)
+  __attribute__ ((__nonnull__ (2, 6)));
+
 /* If page p is marked dirty, clear the mark and copy the page's words
  * into out (zeros for an absent page), in that order, and return true.
  * Return false if the page is clean.  A bit set concurrently is either

@@ -66,6 +66,8 @@ manifest_format (const struct manifest *m, size_t *len)
   if (m->has_origin_file)
     fprintf (fp, "origin-file dev=%" PRIu64 " ino=%" PRIu64 "\n",
              m->origin_dev, m->origin_ino);
+  if (m->origin_path[0])
+    fprintf (fp, "origin-path %s\n", m->origin_path);
   if (fflush (fp) == EOF) {
     fclose (fp);
     free (buf);
@@ -262,6 +264,16 @@ manifest_parse (const char *where, const char *text, size_t len,
         goto err;
       }
       m->has_origin_file = true;
+      continue;
+    }
+    if (strcmp (key, "origin-path") == 0) {
+      int end = -1;
+      if (sscanf (line, "origin-path %4095s%n", m->origin_path, &end) != 1 ||
+          end < 0 || line[end] != '\0' || m->origin_path[0] != '/') {
+        snap_error ("%s: line %d: bad origin-path line (an absolute path "
+                    "without white space)", where, lineno);
+        goto err;
+      }
       continue;
     }
     if (strcmp (key, "origin-sample") == 0) {

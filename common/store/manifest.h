@@ -40,8 +40,11 @@
  * manifest stopped naming them); "origin-sample 0xHASH", a hash of
  * sampled blocks of the origin, present only while nothing writes the
  * origin; "origin-file dev=D ino=I", the device and inode of the file
- * the origin was served from, when known.  The crc line is the CRC-32
- * (util.h) of every byte before it.
+ * the origin was served from, when known; "origin-path PATH", the
+ * absolute path of that file (no white space), when known, so that a
+ * reader of the store at rest (the snapstore plugin) can find its
+ * origin.  The crc line is the CRC-32 (util.h) of every byte before
+ * it.
  *
  * Checks beyond the syntax: ids are below next-id; every snapshot names
  * a listed layer, and no two the same; no two checkpoints share a map,
@@ -112,6 +115,8 @@ struct manifest {
   uint64_t origin_sample;
   bool has_origin_file;         /* origin_dev and origin_ino are valid */
   uint64_t origin_dev, origin_ino;
+  char origin_path[4096];       /* absolute path of the origin's file,
+                                   or "" when not known */
 };
 
 /* Render m as text (malloc'd, *len set).  NULL with errno on ENOMEM. */

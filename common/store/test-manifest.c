@@ -87,6 +87,10 @@ main (void)
   m.job.strategy = STRATEGY_STREAM;
   m.job.keep_bitmap = true;
   strcpy (m.job.output, "/var/tmp/new.img");
+  m.has_origin_file = true;
+  m.origin_dev = 65024;
+  m.origin_ino = 10952929;
+  strcpy (m.origin_path, "/srv/images/vm.img");
 
   /* Round trip through text. */
   text = manifest_format (&m, &len);
@@ -109,6 +113,9 @@ main (void)
   assert (strcmp (m2.job.name, "nightly") == 0);
   assert (m2.job.strategy == STRATEGY_STREAM && m2.job.keep_bitmap);
   assert (strcmp (m2.job.output, "/var/tmp/new.img") == 0);
+  assert (m2.has_origin_file && m2.origin_dev == 65024 &&
+          m2.origin_ino == 10952929);
+  assert (strcmp (m2.origin_path, "/srv/images/vm.img") == 0);
   {
     struct manifest m3;
     assert (manifest_dup (&m2, &m3) == 0);
@@ -183,6 +190,16 @@ main (void)
                 "block-size 4096\nsize 1\nnext-id 3\ncheckpoint x "
                 "kind=weird created=1 map=1\n");
   expect_error (s, "bad checkpoint line");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\n"
+                "origin-path relative/vm.img\n");
+  expect_error (s, "bad origin-path line");
+  free (s);
+  s = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                "block-size 4096\nsize 1\nnext-id 3\n"
+                "origin-path /a b\n");
+  expect_error (s, "bad origin-path line");
   free (s);
 
   /* Save and load, generation increments. */

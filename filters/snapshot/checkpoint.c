@@ -476,38 +476,18 @@ ckpt_mark_range (uint64_t offset, uint64_t count)
 
 /* ---- Queries ---- */
 
+/* The map of checkpoint from + i, for sbitmap_union_run. */
+static const struct sbitmap *
+map_of (size_t i, void *from)
+{
+  return &store.maps[*(size_t *) from + i]->bm;
+}
+
 uint64_t
 ckpt_run (size_t from, size_t to, uint64_t b, uint64_t limit, bool *changed)
 {
-  uint64_t end;
-
-  assert (b < limit);
-  *changed = false;
-  for (size_t i = from; i < to; ++i)
-    if (sbitmap_test (&store.maps[i]->bm, b)) {
-      *changed = true;
-      break;
-    }
-
-  if (!*changed) {
-    /* Unchanged up to the first block any map has set. */
-    end = limit;
-    for (size_t i = from; i < to; ++i)
-      end = MIN (end, sbitmap_find_next_set (&store.maps[i]->bm, b));
-    return end;
-  }
-
-  /* Changed up to the first block every map has clear. */
-  end = b;
-  for (;;) {
-    uint64_t next = end;
-    for (size_t i = from; i < to && next < limit; ++i)
-      if (sbitmap_test (&store.maps[i]->bm, next))
-        next = sbitmap_find_next_clear (&store.maps[i]->bm, next);
-    if (next == end || next >= limit)
-      return MIN (next, limit);
-    end = next;
-  }
+  return sbitmap_union_run (to > from ? to - from : 0, map_of, &from, b,
+                            limit, changed);
 }
 
 uint64_t

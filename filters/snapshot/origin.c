@@ -44,6 +44,7 @@
 #include "cleanup.h"
 #include "origin.h"
 #include "store.h"
+#include "storefiles.h"
 #include "util.h"
 
 /* The filter's context on the plugin.  Protected by bg_lock. */
@@ -421,28 +422,20 @@ origin_file (void)
   return have_file ? file_path : NULL;
 }
 
-#define SAMPLES 16
+/* Read the origin for store_origin_sample. */
+static int
+sample_read (void *opaque, void *buf, uint32_t len, uint64_t offset)
+{
+  return origin_pread (buf, len, offset);
+}
 
 /* The hash of the sample pages of the origin as it reads now (a
- * volume of store.m.size bytes).
+ * volume of store.m.size bytes; storefiles.h).
  */
 static int
 origin_sample (uint64_t *hash)
 {
-  const uint64_t size = store.m.size;
-  const uint64_t npages = (size + 4095) / 4096;
-  char buf[4096];
-
-  *hash = 0;
-  for (uint64_t i = 0; i < SAMPLES; ++i) {
-    uint64_t p = i == 0 ? 0 : snap_mix64 (i ^ size) % npages;
-    uint32_t len = MIN ((uint64_t) sizeof buf, size - p * 4096);
-
-    if (origin_pread (buf, len, p * 4096) == -1)
-      return -1;
-    *hash = snap_mix64 (*hash ^ (i << 32) ^ snap_crc32 (0, buf, len));
-  }
-  return 0;
+  return store_origin_sample (store.m.size, sample_read, NULL, hash);
 }
 
 int
@@ -535,13 +528,25 @@ origin_identity_open (void)
   const bool was_file = store.m.has_origin_file;
   const uint64_t was_hash = store.m.origin_sample;
   const uint64_t was_dev = store.m.origin_dev, was_ino = store.m.origin_ino;
+  CLEANUP_FREE char *was_path = NULL;
 
   if (store.m.origin_retired)
     return 0;
+  was_path = strdup (store.m.origin_path);
+  if (was_path == NULL) {
+    nbdkit_error ("strdup: %m");
+    return -1;
+  }
   if (have_file) {
     store.m.has_origin_file = true;
     store.m.origin_dev = file_dev;
     store.m.origin_ino = file_ino;
+    /* The path, for readers of the store at rest (the snapstore
+     * plugin's default base), when the manifest can hold it.
+     */
+    if (strlen (file_path) < sizeof store.m.origin_path &&
+        strpbrk (file_path, " \t\n\r\v\f") == NULL)
+      strcpy (store.m.origin_path, file_path);
   }
   if (origin_is_live ())
     origin_thaw ();
@@ -551,7 +556,8 @@ origin_identity_open (void)
   }
   if ((was_sample != store.m.has_sample || was_hash != store.m.origin_sample ||
        was_file != store.m.has_origin_file || was_dev != store.m.origin_dev ||
-       was_ino != store.m.origin_ino) && store_save () == -1) {
+       was_ino != store.m.origin_ino ||
+       strcmp (was_path, store.m.origin_path) != 0) && store_save () == -1) {
     nbdkit_error ("%s: cannot write the manifest: %m", store.dir);
     return -1;
   }

@@ -23,6 +23,7 @@
 #include "mapfile.h"
 #include "origin.h"
 #include "store.h"
+#include "storefiles.h"
 #include "util.h"
 
 struct store store = { .lock_fd = -1 };
@@ -131,45 +132,12 @@ layer_alloc (uint64_t id)
 }
 
 /* The pages l holds that are holes in its data file (wholly): their
- * number, and a sum over their runs.  Costs two lseek calls per hole.
+ * number, and a sum over their runs (storefiles.h).
  */
 static int
 layer_holes (struct layer *l, uint64_t *count, uint64_t *sum)
 {
-  const off_t end = store.size;
-  off_t pos = 0;
-
-  *count = *sum = 0;
-  while (pos < end) {
-    off_t hole = lseek (l->data_fd, pos, SEEK_HOLE), data;
-    uint64_t p, q;
-
-    if (hole == -1)
-      return errno == ENXIO ? 0 : -1;
-    if (hole >= end)
-      break;
-    data = lseek (l->data_fd, hole, SEEK_DATA);
-    if (data == -1) {
-      if (errno != ENXIO)
-        return -1;
-      data = end;
-    }
-    if (data > end)
-      data = end;
-    p = ((uint64_t) hole + PAGE_SIZE_BYTES - 1) >> PAGE_SHIFT;
-    q = data == end ? store.npages : (uint64_t) data >> PAGE_SHIFT;
-    while (p < q) {
-      uint64_t s = sbitmap_find_next_set (&l->map, p), e;
-      if (s >= q)
-        break;
-      e = MIN (q, sbitmap_find_next_clear (&l->map, s));
-      *count += e - s;
-      *sum += snap_mix64 (s) ^ snap_mix64 (~e);
-      p = e;
-    }
-    pos = data;
-  }
-  return 0;
+  return store_layer_holes (l->data_fd, &l->map, store.size, count, sum);
 }
 
 /* Set (or with seal NULL clear) the seal of l's map file. */
@@ -431,28 +399,21 @@ raise_fd_limit (void)
 /* Whether the manifest was loaded (false: a new store). */
 static bool have_manifest;
 
-/* If name is layer-ID.data, layer-ID.map or dirty-ID.map, set *id. */
+/* If name is layer-ID.data, layer-ID.map, dirty-ID.map or
+ * revert-ID.map, set *id.
+ */
 static bool
 store_file_id (const char *name, uint64_t *id)
 {
-  static const char *const forms[][2] = {
-    { "layer-", ".data" }, { "layer-", ".map" }, { "dirty-", ".map" },
-    { "revert-", ".map" },
-  };
-
-  for (size_t i = 0; i < sizeof forms / sizeof forms[0]; ++i) {
-    const size_t plen = strlen (forms[i][0]);
-    char *end;
-
-    if (strncmp (name, forms[i][0], plen) != 0 ||
-        name[plen] < '0' || name[plen] > '9')
-      continue;
-    errno = 0;
-    *id = strtoull (name + plen, &end, 10);
-    if (errno == 0 && strcmp (end, forms[i][1]) == 0)
-      return true;
+  switch (store_file_classify (name, id)) {
+  case STORE_FILE_LAYER_DATA:
+  case STORE_FILE_LAYER_MAP:
+  case STORE_FILE_DIRTY_MAP:
+  case STORE_FILE_REVERT_MAP:
+    return true;
+  default:
+    return false;
   }
-  return false;
 }
 
 /* Whether name is one of the files a store that has been used holds
