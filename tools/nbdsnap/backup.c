@@ -1,5 +1,5 @@
 /* nbdsnap backup: copy an NBD export, or the blocks changed in it,
- * into a file.
+ * into a file, or as a restore point into a backup chain (chain.c).
  *
  * Notes on the design
  *
@@ -19,6 +19,13 @@
  *               the previous backup, zeros included: a changed block
  *               that became all zeros must replace the old data.
  *               hole|zero ranges of FILE are left alone.
+ *
+ *   chain       (--to DIR, a directory or a path ending in '/') the
+ *               copy goes into a new layer of the chain DIR, a sparse
+ *               file that starts as zeros like a full backup's FILE.
+ *               A full backup fills every page; an incremental one
+ *               records the pages of every changed extent (chain.c),
+ *               then chain_commit makes the restore point.
  *
  * The loop asks for block status synchronously, up to STATUS_SIZE at a
  * time, and continues from wherever the server's answer stopped (it
@@ -282,6 +289,9 @@ struct backup {
   const char *file;             /* --to */
   int fd;                       /* FILE, open for writing */
   bool full;                    /* no --since: FILE started as zeros */
+  bool dest_zero;               /* FILE started as zeros (full, chain) */
+  struct chain *chain;          /* --to DIR: the chain written, or NULL */
+  const char *point;            /* the chain's new restore point */
   uint64_t size;                /* of the export and FILE */
   size_t request_size;          /* largest read */
   int max_requests;             /* reads in flight at most */
@@ -347,8 +357,10 @@ read_done (void *vp, int *error)
     return 1;
   }
 
-  /* In a full backup FILE is already zero there. */
-  if (!(b->full && is_zero (req->buf, req->count))) {
+  /* In a full backup (and in a chain's new layer) FILE is already zero
+   * there.
+   */
+  if (!(b->dest_zero && is_zero (req->buf, req->count))) {
     b->written = true;
     if (full_pwrite (b->fd, req->buf, req->count, req->offset) == -1) {
       progress_abandon (&b->progress);
@@ -447,6 +459,13 @@ copy_extent (struct backup *b, uint64_t offset, uint64_t len,
   if (skip) {
     progress_add (&b->progress, len);
     return 0;
+  }
+  /* A changed extent of an incremental backup into a chain: its pages
+   * are the new layer's, zeros included.
+   */
+  if (b->chain && !b->full && chain_record (b->chain, offset, len) == -1) {
+    b->failed = true;
+    return -1;
   }
 
   if (offset != b->data_end)
@@ -666,7 +685,10 @@ disconnect (struct backup *b)
 static void
 report_failure (const struct backup *b)
 {
-  if (b->full && b->written)
+  if (b->chain)
+    snap_error ("backup: %s: the chain is unchanged (the new restore "
+                "point's files were removed)", chain_dir (b->chain));
+  else if (b->full && b->written)
     snap_error ("backup: %s: the backup is incomplete and must not be "
                 "used (%" PRIu64 " bytes copied before the failure)",
                 b->file, b->bytes_copied);
@@ -701,6 +723,12 @@ print_result (const struct backup *b, const char *export, FILE *out)
     jw_string (&w, backup_since);       /* NULL writes null */
     jw_key (&w, "export");
     jw_string (&w, export);
+    if (b->chain) {
+      jw_key (&w, "chain");
+      jw_string (&w, chain_dir (b->chain));
+      jw_key (&w, "restore_point");
+      jw_string (&w, b->point);
+    }
     jw_end_object (&w);
     text = jw_finish (&w);
     if (text == NULL) {
@@ -719,8 +747,44 @@ print_result (const struct backup *b, const char *export, FILE *out)
            b->extents, b->size, human_size (h2, sizeof h2, b->size));
   if (backup_since)
     fprintf (out, " since %s", backup_since);
+  if (b->chain)
+    fprintf (out, ": restore point '%s' of %s", b->point,
+             chain_dir (b->chain));
   fputc ('\n', out);
   return 0;
+}
+
+/* The name of the restore point a backup of uri makes in a chain:
+ * --name, or NAME of an export snap/NAME.  Malloc'd, or NULL after an
+ * error.
+ */
+static char *
+point_name (const char *uri)
+{
+  CLEANUP_FREE char *export = NULL;
+  const char *why;
+  size_t start, end;
+
+  if (backup_name) {
+    why = snap_name_invalid (backup_name);
+    if (why) {
+      snap_error ("backup: --name: invalid name '%s': %s", backup_name, why);
+      return NULL;
+    }
+    return strdup (backup_name);
+  }
+  if (!uri_path (uri, &start, &end)) {
+    snap_error ("backup: %s: not an NBD URI", uri);
+    return NULL;
+  }
+  export = export_from_path (uri + start, end - start);
+  if (export && strncmp (export, "snap/", 5) == 0 &&
+      snap_name_invalid (export + 5) == NULL)
+    return strdup (export + 5);
+  snap_error ("backup: %s: the restore point is named after the snapshot "
+              "of export snap/NAME; for export '%s' give --name NAME",
+              uri, export ? export : "?");
+  return NULL;
 }
 
 int
@@ -728,10 +792,13 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
 {
   CLEANUP_FREE char *dirty = NULL;
   CLEANUP_FREE char *export = NULL;
+  CLEANUP_FREE char *point = NULL;
+  const bool to_chain = is_chain_target (backup_to);
   struct backup b = {
     .file = backup_to,
     .fd = -1,
     .full = backup_since == NULL,
+    .dest_zero = backup_since == NULL || to_chain,
     .max_requests = backup_requests,
     .data_end = UINT64_MAX,
     .progress = { .shown = -1, .fd = progress_fd },
@@ -739,6 +806,18 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   bool have_status;
   int r = -1;
 
+  if (!to_chain && (backup_name || backup_base)) {
+    snap_error ("%s: %s applies to a backup into a chain (--to DIR, a "
+                "directory)", cmd->name, backup_name ? "--name" : "--base");
+    return -1;
+  }
+  if (backup_base && backup_since == NULL) {
+    snap_error ("%s: --base FILE needs --since: it starts a chain over "
+                "FILE, the full backup of that checkpoint", cmd->name);
+    return -1;
+  }
+  if (to_chain && (point = point_name (operands[0])) == NULL)
+    return -1;
   if (libnbd_load () == -1)
     return -1;
   if (backup_since) {
@@ -753,6 +832,7 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
       return -1;
   }
   b.uri = dirty ? dirty : operands[0];
+  b.point = point;
 
   if (progress_fd >= 0) {
     int fl = fcntl (progress_fd, F_GETFL);
@@ -778,7 +858,15 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
                 "which says what changed", b.uri);
     goto out;
   }
-  if (open_file (&b) == -1)
+  if (to_chain) {
+    b.chain = chain_begin (backup_to, b.size, backup_since, point,
+                           backup_base);
+    if (b.chain == NULL)
+      goto out;
+    b.fd = chain_fd (b.chain);
+    b.file = chain_dir (b.chain);
+  }
+  else if (open_file (&b) == -1)
     goto out;
 
   b.progress.total = b.size;
@@ -786,18 +874,27 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   progress_show (&b.progress, false);
   if (copy_export (&b, have_status) == -1)
     goto out;
-  if (fsync (b.fd) == -1) {
-    progress_abandon (&b.progress);
-    snap_error ("backup: %s: fsync: %m", b.file);
-    goto out;
+  if (b.chain) {
+    if (chain_commit (b.chain) == -1) {
+      progress_abandon (&b.progress);
+      goto out;
+    }
+    b.fd = -1;                  /* the chain's: closed by chain_end */
   }
-  if (close (b.fd) == -1) {
+  else {
+    if (fsync (b.fd) == -1) {
+      progress_abandon (&b.progress);
+      snap_error ("backup: %s: fsync: %m", b.file);
+      goto out;
+    }
+    if (close (b.fd) == -1) {
+      b.fd = -1;
+      progress_abandon (&b.progress);
+      snap_error ("backup: %s: close: %m", b.file);
+      goto out;
+    }
     b.fd = -1;
-    progress_abandon (&b.progress);
-    snap_error ("backup: %s: close: %m", b.file);
-    goto out;
   }
-  b.fd = -1;
   progress_show (&b.progress, true);
   r = print_result (&b, export, out);
 
@@ -806,9 +903,17 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
     progress_abandon (&b.progress);
     report_failure (&b);
   }
+  /* Reads still in flight write to b.fd until they are done. */
+  disconnect (&b);
+  if (b.chain) {
+    b.fd = -1;
+    if (r == -1)
+      chain_abort (b.chain);
+    else
+      chain_end (b.chain);
+  }
   if (b.fd >= 0)
     close (b.fd);
-  disconnect (&b);
   free (b.entries);
   return r;
 }

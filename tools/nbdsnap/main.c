@@ -16,6 +16,8 @@ const char *control = NULL;
 bool json_output = false;
 const char *backup_to = NULL;
 const char *backup_since = NULL;
+const char *backup_name = NULL;
+const char *backup_base = NULL;
 unsigned backup_requests = 16;
 bool progress_bar = false;
 int progress_fd = -1;
@@ -63,11 +65,28 @@ static const struct command commands[] = {
     .description = "stop job JOB, leaving every view intact",
     .run = run_cancel },
   { .name = "backup", .operands = "URI",
-    .options = "--to FILE [--since CHECKPOINT] [--progress[=FD]] "
-               "[--requests N]",
+    .options = "--to FILE|DIR [--since CHECKPOINT] [--name NAME] "
+               "[--base FILE] [--progress[=FD]] [--requests N]",
     .min_operands = 1, .max_operands = 1,
-    .description = "copy NBD export URI, or its changes, to a file",
+    .description = "copy NBD export URI, or its changes, to a file or chain",
     .run = run_backup },
+  { .name = "chain", .operands = "DIR",
+    .min_operands = 1, .max_operands = 1, .offline = true,
+    .description = "list the restore points of backup chain (or store) DIR",
+    .run = run_chain },
+  { .name = "consolidate", .operands = "DIR NAME",
+    .options = "[--strategy=auto|commit|stream] [--progress[=FD]]",
+    .min_operands = 2, .max_operands = 2, .offline = true,
+    .description = "merge restore point NAME's data into the next one's",
+    .run = run_consolidate },
+  { .name = "discard", .operands = "DIR NAME",
+    .min_operands = 2, .max_operands = 2, .offline = true,
+    .description = "drop the newest restore point NAME and its data",
+    .run = run_discard },
+  { .name = "check", .operands = "DIR",
+    .min_operands = 1, .max_operands = 1, .offline = true,
+    .description = "verify store or backup chain DIR offline",
+    .run = run_check },
 };
 #define NR_COMMANDS (sizeof commands / sizeof commands[0])
 
@@ -79,6 +98,8 @@ enum {
   HELP_OPTION,
   JSON_OPTION,
   LONG_OPTIONS,
+  NAME_OPTION,
+  BASE_OPTION,
   PROGRESS_OPTION,
   REQUESTS_OPTION,
   SHORT_OPTIONS,
@@ -97,6 +118,8 @@ static const struct option long_options[] = {
   { "help",          no_argument,       NULL, HELP_OPTION },
   { "json",          no_argument,       NULL, JSON_OPTION },
   { "long-options",  no_argument,       NULL, LONG_OPTIONS },
+  { "name",          required_argument, NULL, NAME_OPTION },
+  { "base",          required_argument, NULL, BASE_OPTION },
   { "progress",      optional_argument, NULL, PROGRESS_OPTION },
   { "requests",      required_argument, NULL, REQUESTS_OPTION },
   { "short-options", no_argument,       NULL, SHORT_OPTIONS },
@@ -107,11 +130,23 @@ static const struct option long_options[] = {
   { NULL }
 };
 
+void (*snap_error_hook) (const char *msg);
+
 void
 snap_verror (const char *fs, va_list args)
 {
   int saved = errno;            /* for %m in fs */
 
+  if (snap_error_hook) {
+    char *msg;
+
+    if (vasprintf (&msg, fs, args) != -1) {
+      snap_error_hook (msg);
+      free (msg);
+    }
+    errno = saved;
+    return;
+  }
   fputs ("nbdsnap: ", stderr);
   errno = saved;
   vfprintf (stderr, fs, args);
@@ -157,15 +192,25 @@ usage (FILE *fp, int exit_code)
 "  --help            print this help and exit\n"
 "  -V, --version     print the version and exit\n"
 "\n"
+"Offline commands (chain, consolidate, discard, check) work on the\n"
+"directory DIR itself, with no server.\n"
+"\n"
 "Options of delete and revert:\n"
 "  --wait            wait for the job they start to end, as wait JOB\n"
 "                    does (with --progress[=FD] as wait has it)\n"
 "\n"
 "Options of backup (which does not use the control socket):\n"
-"  --to FILE         the file to write (required)\n"
+"  --to FILE|DIR     the file to write, or the backup chain (a directory,\n"
+"                    or a path ending in '/') to add a restore point to\n"
+"                    (required)\n"
 "  --since CHECKPOINT\n"
 "                    copy only the blocks changed since CHECKPOINT onto\n"
-"                    FILE, which holds the previous backup\n"
+"                    FILE, which holds the previous backup, or into DIR,\n"
+"                    whose newest restore point is CHECKPOINT\n"
+"  --name NAME       the chain's new restore point (default: the NAME of\n"
+"                    an export snap/NAME)\n"
+"  --base FILE       start chain DIR over FILE, the full backup of\n"
+"                    CHECKPOINT (with --since)\n"
 "  --progress[=FD]   draw a progress bar, or write N/100 lines to FD\n"
 "  --requests N      reads in flight, 1 to 64 (default 16)\n"
 "\n"
@@ -174,6 +219,9 @@ usage (FILE *fp, int exit_code)
 "  nbdsnap -c disk.snap/control.sock --json list\n"
 "  nbdsnap backup 'nbd+unix:///snap/s2?socket=/tmp/sock' \\\n"
 "          --since s1 --to disk.bak\n"
+"  nbdsnap backup 'nbd+unix:///snap/s2?socket=/tmp/sock' \\\n"
+"          --since s1 --to disk.chain/\n"
+"  nbdsnap check disk.chain\n"
 "\n"
 "Please read the nbdsnap(1) manual page for full usage.\n");
   exit (exit_code);
@@ -192,7 +240,8 @@ command_usage (const struct command *cmd, const char *fs, ...)
   snap_verror (fs, args);
   va_end (args);
   fprintf (stderr, "Usage: nbdsnap %s[--json] %s%s%s%s%s\n",
-           cmd->run != run_backup ? "[-c SOCKET|STORE-DIR] " : "",
+           cmd->run != run_backup && !cmd->offline
+           ? "[-c SOCKET|STORE-DIR] " : "",
            cmd->name, cmd->operands[0] ? " " : "", cmd->operands,
            cmd->options ? " " : "", cmd->options ? cmd->options : "");
   exit (EXIT_FAILURE);
@@ -217,7 +266,7 @@ parse_number (const char *option, const char *arg, unsigned min,
   return v;
 }
 
-static const struct command *
+const struct command *
 find_command (const char *name)
 {
   for (size_t i = 0; i < NR_COMMANDS; ++i)
@@ -247,7 +296,8 @@ run_spooled (const struct command *cmd, char **operands)
     snap_error ("%s: spooling output: %m", cmd->name);
     r = -1;
   }
-  if (r == 0 && size > 0 &&
+  /* 2 (check: problems found) is a result too. */
+  if (r >= 0 && size > 0 &&
       fwrite (buf, 1, size, stdout) != size) {
     snap_error ("stdout: %m");
     r = -1;
@@ -263,7 +313,7 @@ main (int argc, char *argv[])
   const char *backup_option = NULL;     /* one given, for messages */
   const char *delete_option = NULL;     /* likewise */
   char **operands;
-  int c, nr_operands;
+  int c, nr_operands, r;
 
   /* getopt prefixes its messages with argv[0]: make them
    * "nbdsnap: ..." like every other message, whatever the path.
@@ -308,6 +358,14 @@ main (int argc, char *argv[])
     case SINCE_OPTION:
       backup_since = optarg;
       backup_option = "--since";
+      break;
+    case NAME_OPTION:
+      backup_name = optarg;
+      backup_option = "--name";
+      break;
+    case BASE_OPTION:
+      backup_base = optarg;
+      backup_option = "--base";
       break;
     case PROGRESS_OPTION:
       if (optarg)
@@ -364,10 +422,11 @@ main (int argc, char *argv[])
                    cmd->name);
   if (cmd->run == run_backup) {
     if (backup_to == NULL)
-      command_usage (cmd, "%s: missing --to FILE", cmd->name);
+      command_usage (cmd, "%s: missing --to FILE|DIR", cmd->name);
   }
-  else if (cmd->run == run_wait || job_wait) {
-    if (backup_to || backup_since || backup_requests != 16)
+  else if (cmd->run == run_wait || job_wait || cmd->run == run_consolidate) {
+    if (backup_to || backup_since || backup_requests != 16 || backup_name ||
+        backup_base)
       command_usage (cmd, "%s: %s is an option of backup only",
                      cmd->name, backup_option);
   }
@@ -377,7 +436,11 @@ main (int argc, char *argv[])
   else if (backup_option)
     command_usage (cmd, "%s: %s is an option of backup only",
                    cmd->name, backup_option);
-  if (delete_option && cmd->run != run_delete)
+  if (cmd->run == run_consolidate && (delete_output || delete_keep_bitmap))
+    command_usage (cmd, "%s: %s is an option of delete only", cmd->name,
+                   delete_output ? "--output" : "--keep-bitmap");
+  if (delete_option && cmd->run != run_delete &&
+      cmd->run != run_consolidate)
     command_usage (cmd, "%s: %s is an option of delete only",
                    cmd->name, delete_option);
   if (bitmap_only && strcmp (cmd->name, "create") != 0)
@@ -394,11 +457,12 @@ main (int argc, char *argv[])
     }
   }
 
-  if (run_spooled (cmd, operands) == -1)
+  r = run_spooled (cmd, operands);
+  if (r == -1)
     exit (EXIT_FAILURE);
   if (fclose (stdout) == EOF) {
     snap_error ("stdout: %m");
     exit (EXIT_FAILURE);
   }
-  exit (EXIT_SUCCESS);
+  exit (r == 2 ? 2 : EXIT_SUCCESS);
 }

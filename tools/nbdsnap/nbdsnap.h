@@ -12,6 +12,7 @@
 #define NBDSNAP_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "json.h"
@@ -27,6 +28,8 @@ extern bool delete_keep_bitmap; /* delete --keep-bitmap */
 extern const char *backup_to;   /* --to FILE; required */
 extern const char *backup_since; /* --since CHECKPOINT, or NULL: full */
 extern unsigned backup_requests; /* --requests N: reads in flight */
+extern const char *backup_name; /* --name NAME: the chain's new point */
+extern const char *backup_base; /* --base FILE: a chain over FILE */
 extern bool progress_bar;       /* --progress: a bar even if not a tty */
 extern int progress_fd;         /* --progress=FD: "N/100" lines; or -1 */
 
@@ -37,6 +40,8 @@ struct command {
   const char *options;          /* synopsis of its own options, or NULL */
   int min_operands, max_operands; /* how many operands are accepted */
   bool name_operand;            /* operand 0 is a checkpoint NAME */
+  bool offline;                 /* works on a store directory itself
+                                   (operand 0), not a control socket */
   const char *description;      /* one line, for usage */
   /* Run the command, printing results on out.  Return 0 or -1. */
   int (*run) (const struct command *cmd, char **operands, FILE *out);
@@ -85,6 +90,58 @@ extern void bad_reply (const struct command *cmd, const char *what);
  */
 extern int run_backup (const struct command *cmd, char **operands,
                        FILE *out);
+
+/* chain.c: backup chains. */
+struct chain;
+/* Whether backup --to names a chain: an existing directory, or a path
+ * ending in '/'.
+ */
+extern bool is_chain_target (const char *to);
+/* Start a backup of an export of size bytes into the chain dir (made
+ * if missing): the restore point name, built on since (NULL: a full
+ * backup, the chain's first), over base (--base FILE, or NULL).  Locks
+ * the chain and creates the new layer.  NULL after an error.
+ */
+extern struct chain *chain_begin (const char *dir, uint64_t size,
+                                  const char *since, const char *name,
+                                  const char *base);
+/* The descriptor of the new layer's data: the copy writes there. */
+extern int chain_fd (const struct chain *c);
+extern const char *chain_dir (const struct chain *c);
+/* An incremental backup's changed extent [offset, offset+len): its
+ * pages are the new layer's.  Return 0 or -1 (reported).
+ */
+extern int chain_record (struct chain *c, uint64_t offset, uint64_t len);
+/* Make the new restore point (sync, seal, one manifest save).  Return
+ * 0 or -1 (reported; chain_abort then removes the new files).
+ */
+extern int chain_commit (struct chain *c);
+/* Release c: after a failure (chain_abort removes the new files), or
+ * after chain_commit (chain_end).
+ */
+extern void chain_abort (struct chain *c);
+extern void chain_end (struct chain *c);
+/* Offline commands on a chain or a store at rest. */
+extern int run_chain (const struct command *cmd, char **operands,
+                      FILE *out);
+extern int run_consolidate (const struct command *cmd, char **operands,
+                            FILE *out);
+extern int run_discard (const struct command *cmd, char **operands,
+                        FILE *out);
+
+/* check.c */
+/* Verify a store or chain offline.  Return 0 when clean, 2 when
+ * problems were found (printed on out), -1 on error.
+ */
+extern int run_check (const struct command *cmd, char **operands,
+                      FILE *out);
+
+/* main.c */
+extern const struct command *find_command (const char *name);
+/* While set, messages of snap_error go to it instead of stderr (check
+ * collects them as problems).
+ */
+extern void (*snap_error_hook) (const char *msg);
 
 /* jobs.c */
 extern bool job_wait;           /* delete, revert --wait */

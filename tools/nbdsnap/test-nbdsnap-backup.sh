@@ -107,7 +107,7 @@ sha () { sha256sum "$1" | cut -d' ' -f1; }
 # Usage errors (no server needed).
 
 expect 1 nbdsnap backup 'nbd+unix:///?socket=/x'
-grep -Fx 'nbdsnap: backup: missing --to FILE' "$err"
+grep -Fx 'nbdsnap: backup: missing --to FILE|DIR' "$err"
 grep -F 'Usage: nbdsnap [--json] backup URI --to FILE' "$err"
 test ! -s "$out"
 
