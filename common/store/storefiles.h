@@ -70,8 +70,12 @@ extern char *store_file_path (const char *dir, enum store_file kind,
 
 /* The pages that map says a layer holds and that lie wholly in holes
  * of its data file fd (a volume of size bytes): their number, and the
- * sum over their runs [s, e) of mix64 (s) xor mix64 (not e).  Costs two
- * lseek calls per hole of the file.  Return 0, or -1 with errno set.
+ * sum over their runs [s, e) of mix64 (s) xor mix64 (not e).  A hole is
+ * any stretch without written data: not allocated, or allocated but
+ * unwritten (fallocate), as FIEMAP reports them, so that the answer
+ * does not depend on what the page cache holds; SEEK_HOLE where FIEMAP
+ * is not supported.  Costs an ioctl per 256 extents of the file.
+ * Return 0, or -1 with errno set.
  */
 extern int store_layer_holes (int fd, const struct sbitmap *map,
                               uint64_t size, uint64_t *count, uint64_t *sum)
