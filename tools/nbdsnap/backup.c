@@ -337,6 +337,50 @@ is_zero (const char *buf, size_t count)
   return count == 0 || (buf[0] == 0 && memcmp (buf, buf + 1, count - 1) == 0);
 }
 
+/* A chain's layer holds the pages of zeros it copies as holes (the
+ * file starts as one), as the filter's layers hold zeroed pages: write
+ * only the runs of pages that are not all zeros.  A copy of the chain
+ * that makes holes of zeros (cp, rsync -S) then has the same holes,
+ * which the seal of each layer's map records.
+ */
+static int
+write_pages (struct backup *b, const struct request *req)
+{
+  const char *buf = req->buf;
+  const uint64_t page = 4096;
+  size_t i = 0;
+
+  while (i < req->count) {
+    size_t s, e;
+
+    /* Skip zero pages (page-aligned in the volume). */
+    for (s = i; s < req->count; ) {
+      size_t n = MIN (req->count - s,
+                      (size_t) (page - (req->offset + s) % page));
+      if (!is_zero (buf + s, n))
+        break;
+      s += n;
+    }
+    for (e = s; e < req->count; ) {
+      size_t n = MIN (req->count - e,
+                      (size_t) (page - (req->offset + e) % page));
+      if (is_zero (buf + e, n))
+        break;
+      e += n;
+    }
+    if (e > s &&
+        full_pwrite (b->fd, buf + s, e - s, req->offset + s) == -1) {
+      progress_abandon (&b->progress);
+      snap_error ("backup: %s: write of %zu bytes at offset %" PRIu64 ": %m",
+                  b->file, e - s, req->offset + s);
+      b->failed = true;
+      return -1;
+    }
+    i = e;
+  }
+  return 0;
+}
+
 /* Completion of a read: write its buffer to FILE.  Returning 1 retires
  * the command.
  */
@@ -360,7 +404,11 @@ read_done (void *vp, int *error)
   /* In a full backup (and in a chain's new layer) FILE is already zero
    * there.
    */
-  if (!(b->dest_zero && is_zero (req->buf, req->count))) {
+  if (b->chain) {
+    if (write_pages (b, req) == -1)
+      return 1;
+  }
+  else if (!(b->dest_zero && is_zero (req->buf, req->count))) {
     b->written = true;
     if (full_pwrite (b->fd, req->buf, req->count, req->offset) == -1) {
       progress_abandon (&b->progress);
@@ -793,7 +841,11 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   CLEANUP_FREE char *dirty = NULL;
   CLEANUP_FREE char *export = NULL;
   CLEANUP_FREE char *point = NULL;
-  const bool to_chain = is_chain_target (backup_to);
+  /* --name and --base only make sense for a chain: with them, a new
+   * path is a chain to create.
+   */
+  const bool to_chain = is_chain_target (backup_to) ||
+    ((backup_name || backup_base) && access (backup_to, F_OK) == -1);
   struct backup b = {
     .file = backup_to,
     .fd = -1,
@@ -807,8 +859,9 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   int r = -1;
 
   if (!to_chain && (backup_name || backup_base)) {
-    snap_error ("%s: %s applies to a backup into a chain (--to DIR, a "
-                "directory)", cmd->name, backup_name ? "--name" : "--base");
+    snap_error ("%s: %s applies to a backup into a chain (--to DIR: a "
+                "directory, or a path ending in '/'), and %s is a file",
+                cmd->name, backup_name ? "--name" : "--base", backup_to);
     return -1;
   }
   if (backup_base && backup_since == NULL) {
