@@ -285,12 +285,15 @@ sbitmap_clear_range (struct sbitmap *bm, uint64_t first, uint64_t n)
  * at or after from.
  */
 static uint64_t
-find_next (const struct sbitmap *bm, uint64_t from, bool invert)
+find_next (const struct sbitmap *bm, uint64_t from, uint64_t limit,
+           bool invert)
 {
   const uint64_t flip = invert ? ~UINT64_C (0) : 0;
 
-  if (from >= bm->nbits)
-    return bm->nbits;
+  if (limit > bm->nbits)
+    limit = bm->nbits;
+  if (from >= limit)
+    return limit;
 
   for (size_t p = from / SBITMAP_PAGE_BITS; p < bm->npages; ++p) {
     const uint64_t *page = get_page (bm, p);
@@ -298,6 +301,8 @@ find_next (const struct sbitmap *bm, uint64_t from, bool invert)
     size_t nwords, w;
     uint64_t word;
 
+    if (base >= limit)
+      break;
     if (from < base)
       from = base;
     if (page == NULL) {
@@ -315,26 +320,40 @@ find_next (const struct sbitmap *bm, uint64_t from, bool invert)
       if (word) {
         uint64_t r = base + w * 64 + __builtin_ctzll (word);
         /* A clear padding bit past nbits is not a result. */
-        return r < bm->nbits ? r : bm->nbits;
+        return r < limit ? r : limit;
       }
-      if (++w >= nwords)
+      if (++w >= nwords || base + w * 64 >= limit)
         break;
       word = __atomic_load_n (&page[w], ORDER) ^ flip;
     }
   }
-  return bm->nbits;
+  return limit;
 }
 
 uint64_t
 sbitmap_find_next_set (const struct sbitmap *bm, uint64_t from)
 {
-  return find_next (bm, from, false);
+  return find_next (bm, from, bm->nbits, false);
 }
 
 uint64_t
 sbitmap_find_next_clear (const struct sbitmap *bm, uint64_t from)
 {
-  return find_next (bm, from, true);
+  return find_next (bm, from, bm->nbits, true);
+}
+
+uint64_t
+sbitmap_find_next_set_before (const struct sbitmap *bm, uint64_t from,
+                              uint64_t limit)
+{
+  return find_next (bm, from, limit, false);
+}
+
+uint64_t
+sbitmap_find_next_clear_before (const struct sbitmap *bm, uint64_t from,
+                                uint64_t limit)
+{
+  return find_next (bm, from, limit, true);
 }
 
 uint64_t

@@ -102,6 +102,17 @@ extern uint64_t sbitmap_find_next_clear (const struct sbitmap *bm,
                                          uint64_t from)
   __attribute__ ((__nonnull__ (1)));
 
+/* The same, looking no further than limit: return the first set
+ * (clear) bit in [from, limit), or limit (at most nbits) if none.  The
+ * cost is bounded by the range, not by the rest of the bitmap.
+ */
+extern uint64_t sbitmap_find_next_set_before (const struct sbitmap *bm,
+                                              uint64_t from, uint64_t limit)
+  __attribute__ ((__nonnull__ (1)));
+extern uint64_t sbitmap_find_next_clear_before (const struct sbitmap *bm,
+                                                uint64_t from, uint64_t limit)
+  __attribute__ ((__nonnull__ (1)));
+
 /* Number of set bits. */
 extern uint64_t sbitmap_count (const struct sbitmap *bm)
   __attribute__ ((__nonnull__ (1)));

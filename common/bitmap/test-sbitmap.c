@@ -427,7 +427,14 @@ test_random (uint64_t nbits, int nops)
     if (nbits) {
       /* A cheap spot check every op. */
       uint64_t b = rnd_below (nbits);
+      uint64_t limit = b + rnd_below (nbits - b + 2);
+
       assert (sbitmap_test (&bm, b) == ref.bit[b]);
+      /* The bounded finds agree with the unbounded ones, cut short. */
+      assert (sbitmap_find_next_set_before (&bm, b, limit) ==
+              MIN (sbitmap_find_next_set (&bm, b), MIN (limit, nbits)));
+      assert (sbitmap_find_next_clear_before (&bm, b, limit) ==
+              MIN (sbitmap_find_next_clear (&bm, b), MIN (limit, nbits)));
     }
     if (op % 250 == 249)
       check_all (&bm, &ref);

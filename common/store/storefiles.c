@@ -90,10 +90,10 @@ count_held (const struct sbitmap *map, uint64_t npages, uint64_t hole,
   const uint64_t q = data >= end ? npages : data >> STORE_PAGE_SHIFT;
 
   while (p < q) {
-    uint64_t s = sbitmap_find_next_set (map, p), e;
+    uint64_t s = sbitmap_find_next_set_before (map, p, q), e;
     if (s >= q)
       break;
-    e = MIN (q, sbitmap_find_next_clear (map, s));
+    e = sbitmap_find_next_clear_before (map, s, q);
     *count += e - s;
     *sum += snap_mix64 (s) ^ snap_mix64 (~e);
     p = e;

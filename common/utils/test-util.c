@@ -28,6 +28,19 @@ snap_error (const char *fs, ...)
   va_end (args);
 }
 
+/* CRC-32 a bit at a time: the definition the fast one must match. */
+static uint32_t
+crc_bitwise (uint32_t crc, const unsigned char *p, size_t len)
+{
+  crc = ~crc;
+  while (len--) {
+    crc ^= *p++;
+    for (int k = 0; k < 8; ++k)
+      crc = (crc & 1) ? 0xedb88320u ^ (crc >> 1) : crc >> 1;
+  }
+  return ~crc;
+}
+
 int
 main (void)
 {
@@ -37,6 +50,17 @@ main (void)
   /* CRC-32 check value from the standard. */
   assert (snap_crc32 (0, "123456789", 9) == 0xcbf43926);
   assert (snap_crc32 (snap_crc32 (0, "1234", 4), "56789", 5) == 0xcbf43926);
+  {
+    /* Every length and alignment around the 8-byte steps. */
+    static unsigned char data[4200];
+    for (size_t i = 0; i < sizeof data; ++i)
+      data[i] = (i * 2654435761u) >> 13;
+    for (size_t off = 0; off < 9; ++off)
+      for (size_t len = 0; len < 40; ++len)
+        assert (snap_crc32 (7, data + off, len) ==
+                crc_bitwise (7, data + off, len));
+    assert (snap_crc32 (0, data + 3, 4096) == crc_bitwise (0, data + 3, 4096));
+  }
 
   /* Names. */
   assert (snap_name_invalid ("nightly") == NULL);

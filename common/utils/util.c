@@ -13,7 +13,12 @@
 #include "cleanup.h"
 #include "util.h"
 
-static uint32_t crc_table[256];
+/* Slicing by 8: table[k][b] is the CRC of byte b followed by k zero
+ * bytes, so eight bytes are folded in with eight lookups.  About five
+ * times as fast as a byte at a time; seals sum the CRC of every map
+ * page that holds a bit (32 MiB for a full layer of 1 TiB).
+ */
+static uint32_t crc_table[8][256];
 
 static void
 crc_table_init (void)
@@ -22,8 +27,12 @@ crc_table_init (void)
     uint32_t c = i;
     for (int k = 0; k < 8; ++k)
       c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
-    crc_table[i] = c;
+    crc_table[0][i] = c;
   }
+  for (uint32_t i = 0; i < 256; ++i)
+    for (int k = 1; k < 8; ++k)
+      crc_table[k][i] = (crc_table[k - 1][i] >> 8) ^
+        crc_table[0][crc_table[k - 1][i] & 0xff];
 }
 
 uint32_t
@@ -34,8 +43,19 @@ snap_crc32 (uint32_t crc, const void *buf, size_t len)
 
   pthread_once (&once, crc_table_init);
   crc = ~crc;
+  while (len >= 8) {
+    /* The bytes in order, whatever the host's byte order. */
+    uint32_t lo = crc ^ ((uint32_t) p[0] | (uint32_t) p[1] << 8 |
+                         (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24);
+    crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
+      crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
+      crc_table[3][p[4]] ^ crc_table[2][p[5]] ^
+      crc_table[1][p[6]] ^ crc_table[0][p[7]];
+    p += 8;
+    len -= 8;
+  }
   while (len--)
-    crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    crc = crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
   return ~crc;
 }
 

@@ -301,7 +301,12 @@ write_map (const char *path, uint32_t kind, uint32_t granularity,
   fd = mapfile_create (path, kind, granularity, bm->nbits);
   if (fd == -1)
     return -1;
-  sbitmap_mark_all_dirty (bm);
+  /* The file is new: its pages are holes.  Write the pages that hold
+   * bits, not the absent ones (a map of 1 TiB of pages is 32 MiB).
+   */
+  for (size_t p = 0; p < bm->npages; ++p)
+    if (bm->pages[p])
+      sbitmap_mark_dirty (bm, p);
   if (mapfile_collect (bm, &batch) == -1 || mapfile_write (fd, &batch) == -1) {
     snap_error ("%s: write: %m", path);
     goto out;
