@@ -83,3 +83,28 @@ dd if=/dev/urandom of=$tmp/other.img bs=4096 count=1 conv=notrunc
 start_nbdkit -P $tmp/other.pid -U $tmp/other.sock file $tmp/other.img
 snapstore_fails "16 sampled pages differ" $chain \
     base="$(nbd_uri $tmp/other.sock)"
+kill $qemu_pid
+stop_nbdkit $nbdkit_pid
+
+# Consolidate offline: tue's changes merge with wed's, then the base
+# (mon) with wed's: by commit, into FILE itself, which the chain keeps
+# as its base (its sample is taken again); the others read the same.
+nbdsnap consolidate $chain tue
+check_clean $chain
+nbdsnap --json consolidate $chain mon > $tmp/out.json
+cat $tmp/out.json
+strategy=$(jq -r .job.strategy $tmp/out.json)
+check_clean $chain
+nbdsnap --json chain $chain | jq -e '[.points[].name] == ["wed","thu"]'
+if [ "$strategy" = commit ]; then
+    [ "$(md5 $base)" = "${want[wed]}" ] ||
+        fail "the base, committed into, is not wed"
+    grep "^origin-path $base\$" $chain/manifest
+else
+    grep '^origin retired' $chain/manifest
+fi
+start_snapstore $psock $chain
+for d in wed thu; do
+    [ "$(export_md5 $psock snap/$d)" = "${want[$d]}" ] ||
+        fail "after consolidating: snap/$d does not read as snapshot $d"
+done

@@ -323,6 +323,53 @@ sr_open_map (struct storeread *s, size_t i)
   return 0;
 }
 
+/* Start reading the data of file path (its allocated stretches only:
+ * readahead of a hole would fill the page cache with zeros) without
+ * waiting for it.
+ */
+static void
+prefetch (const char *path)
+{
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  off_t pos = 0, end;
+
+  if (fd == -1)
+    return;
+  end = lseek (fd, 0, SEEK_END);
+  while (end > 0 && pos < end) {
+    off_t data = lseek (fd, pos, SEEK_DATA), hole;
+    if (data == -1)
+      break;
+    hole = lseek (fd, data, SEEK_HOLE);
+    if (hole == -1 || hole <= data)
+      hole = end;
+    posix_fadvise (fd, data, hole - data, POSIX_FADV_WILLNEED);
+    pos = hole;
+  }
+  close (fd);
+}
+
+/* Ask for every map of the store at once, so that the disk reads them
+ * in parallel, before they are loaded one by one: opening a long chain
+ * from a cold cache reads a few scattered pages of each map.
+ */
+static void
+prefetch_maps (const struct storeread *s)
+{
+  for (size_t i = 0; i < s->nlayers; ++i) {
+    CLEANUP_FREE char *p = store_file_path (s->dir, STORE_FILE_LAYER_MAP,
+                                            s->layers[i].id);
+    if (p)
+      prefetch (p);
+  }
+  for (size_t i = 0; i < s->m.nckpts; ++i) {
+    CLEANUP_FREE char *p = store_file_path (s->dir, STORE_FILE_DIRTY_MAP,
+                                            s->m.ckpts[i].map);
+    if (p)
+      prefetch (p);
+  }
+}
+
 /* sr_scan's report for sr_open: the first problem is the error. */
 struct first_problem {
   const char *dir;
@@ -363,6 +410,7 @@ sr_open (struct storeread *s, const char *dir, bool lock)
   n = sr_scan (s, report_first, &first);
   if (n != 0)
     return -1;
+  prefetch_maps (s);
   for (size_t i = 0; i < s->nlayers; ++i)
     if (sr_open_layer (s, i) == -1)
       return -1;

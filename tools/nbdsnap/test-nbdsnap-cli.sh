@@ -180,4 +180,36 @@ long="$tmp/$(printf 'd%.0s' $(seq 120))/control.sock"
 expect 1 nbdsnap -c "$long" list
 expect_error_line "nbdsnap: $long: connect: File name too long"
 
+# The offline commands take a directory, not a control socket.
+expect 1 nbdsnap check
+grep -Fx 'nbdsnap: check: missing DIR' "$err"
+grep -F 'Usage: nbdsnap [--json] check DIR' "$err"
+test ! -s "$out"
+expect 1 nbdsnap consolidate "$tmp/store"
+grep -Fx 'nbdsnap: consolidate: missing DIR NAME' "$err"
+expect 1 nbdsnap consolidate "$tmp/store" s1 --output=x.img
+grep -Fx 'nbdsnap: consolidate: --output is an option of delete only' "$err"
+expect 1 nbdsnap consolidate "$tmp/store" s1 --to x
+grep -F 'is an option of backup only' "$err"
+expect 1 nbdsnap discard "$tmp/store" ../x
+grep -F "nbdsnap: discard: invalid name '../x'" "$err"
+expect 1 nbdsnap check "$tmp/nothere"
+expect_error_line "nbdsnap: check: $tmp/nothere: No such file or directory"
+expect 1 nbdsnap check "$tmp/file"
+expect_error_line "nbdsnap: check: $tmp/file: not a directory (a store or a backup chain)"
+expect 1 nbdsnap check "$tmp/store"
+expect_error_line "nbdsnap: check: $tmp/store: no manifest: not a store or a backup chain"
+expect 1 nbdsnap chain "$tmp/store"
+grep -F "no manifest: not a store" "$err"
+test ! -s "$out"
+# Options of backup into a chain.
+expect 1 nbdsnap backup nbd://x --to "$tmp/file" --name a
+expect_error_line "nbdsnap: backup: --name applies to a backup into a chain (--to DIR: a directory, or a path ending in '/'), and $tmp/file is a file"
+expect 1 nbdsnap backup nbd://x --to "$tmp/chain/" --base "$tmp/file"
+expect_error_line "nbdsnap: backup: --base FILE needs --since: it starts a chain over FILE, the full backup of that checkpoint"
+expect 1 nbdsnap backup 'nbd://x/' --to "$tmp/chain/"
+grep -F "for export '' give --name NAME" "$err"
+expect 1 nbdsnap list --name a
+grep -F 'is an option of backup only' "$err"
+
 echo "$0: ok"
