@@ -170,12 +170,11 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
       errno = *err;
       goto err;
     }
-    /* Data, then bits: a reader that sees the bit finds the data. */
-    if (full_pwrite (l->data_fd, buf, run_len (p, q), run_off (p)) == -1)
-      goto err;
-    __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+    /* Data, then bits: a reader that sees the bit finds the data.
+     * Zeros (a hole of the origin, say) stay holes.
+     */
     memset (&fresh[p - first], 1, q - p);
-    if (sbitmap_set_range (&l->map, p, q - p) == -1)
+    if (layer_put (l, buf, p, q) == -1)
       goto err;
     kept = true;
     p = q;

@@ -90,21 +90,42 @@ pages_bytes (uint64_t pages)
   return MIN (pages * PAGE_SIZE_BYTES, store.size);
 }
 
-/* Store pages [p, q) from buf into layer l and set their bits.  An
- * all-zero run becomes a hole (it reads as zeros and takes no space).
+/* Store pages [p, q) from buf (page p first) into layer l, without
+ * setting their bits.  Runs of all-zero pages become holes (they read
+ * as zeros, take no space, and are reported as holes by extents), the
+ * rest is written.
  */
+static int
+layer_store (struct layer *l, const char *buf, uint64_t p, uint64_t q)
+{
+  while (p < q) {
+    const bool zero = is_zero (buf, run_len (p, p + 1));
+    uint64_t e = p + 1;
+    uint64_t off, len;
+
+    while (e < q &&
+           is_zero (buf + run_off (e - p), run_len (e, e + 1)) == zero)
+      e++;
+    off = run_off (p);
+    len = run_len (p, e);
+    if (!zero ||
+        fallocate (l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                   off, len) == -1) {
+      if (full_pwrite (l->data_fd, buf, len, off) == -1)
+        return -1;
+    }
+    buf += len;
+    p = e;
+  }
+  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
 int
 layer_put (struct layer *l, const char *buf, uint64_t p, uint64_t q)
 {
-  uint64_t off = run_off (p), len = run_len (p, q);
-
-  if (!is_zero (buf, len) ||
-      fallocate (l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                 off, len) == -1) {
-    if (full_pwrite (l->data_fd, buf, len, off) == -1)
-      return -1;
-  }
-  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+  if (layer_store (l, buf, p, q) == -1)
+    return -1;
   return sbitmap_set_range (&l->map, p, q - p) == -1 ? -1 : 0;
 }
 
