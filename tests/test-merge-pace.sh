@@ -62,8 +62,10 @@ setup ()
 
 paced () { [ "$(last_job_field paced)" = true ]; }
 
-# Held back while a client reads: the job says so.
-setup -- snapshot-job-rate=$rate
+# Held back while a client reads: the job says so.  (-D
+# snapshot.job_delay keeps the job from ending before the reader's
+# requests are seen, on a loaded machine.)
+setup -D snapshot.job_delay=20000 -- snapshot-job-rate=$rate
 reader
 nbdsnap -c $store delete s1 --strategy=commit
 wait_for paced
