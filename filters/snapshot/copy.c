@@ -43,17 +43,6 @@
 /* The buffer of the job thread's steps (one job runs at a time). */
 static char job_buf[CHUNK_PAGES * PAGE_SIZE_BYTES];
 
-static bool
-is_zero (const char *buf, size_t len)
-{
-  static const char zero[PAGE_SIZE_BYTES];
-
-  for (size_t o = 0; o < len; o += PAGE_SIZE_BYTES)
-    if (memcmp (buf + o, zero, MIN ((size_t) PAGE_SIZE_BYTES, len - o)))
-      return false;
-  return true;
-}
-
 uint64_t
 run_off (uint64_t p)
 {
@@ -88,37 +77,6 @@ uint64_t
 pages_bytes (uint64_t pages)
 {
   return MIN (pages * PAGE_SIZE_BYTES, store.size);
-}
-
-/* Store pages [p, q) from buf (page p first) into layer l, without
- * setting their bits.  Runs of all-zero pages become holes (they read
- * as zeros, take no space, and are reported as holes by extents), the
- * rest is written.
- */
-static int
-layer_store (struct layer *l, const char *buf, uint64_t p, uint64_t q)
-{
-  while (p < q) {
-    const bool zero = is_zero (buf, run_len (p, p + 1));
-    uint64_t e = p + 1;
-    uint64_t off, len;
-
-    while (e < q &&
-           is_zero (buf + run_off (e - p), run_len (e, e + 1)) == zero)
-      e++;
-    off = run_off (p);
-    len = run_len (p, e);
-    if (!zero ||
-        fallocate (l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                   off, len) == -1) {
-      if (full_pwrite (l->data_fd, buf, len, off) == -1)
-        return -1;
-    }
-    buf += len;
-    p = e;
-  }
-  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
-  return 0;
 }
 
 int
