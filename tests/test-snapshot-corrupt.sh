@@ -20,8 +20,8 @@ store=$tmp/store
 sock=$tmp/nbd.sock
 make_origin $origin 16M
 
-# Snapshot s1, bitmap-only b1, snapshot s2, with writes, zeroes (the
-# newest layer punches holes for them) and a trim between them.
+# Snapshot s1, bitmap-only b1, snapshot s2, with writes, zeroes (row:
+# the newest layer punches holes for them) and a trim between them.
 start_store
 nbdsnap -c $store create s1
 nbdsh -u "$(nbd_uri $sock)" -c '
@@ -45,7 +45,51 @@ save_export $sock snap/s1 $tmp/s1.img
 save_export $sock snap/s2 $tmp/s2.img
 save_export $sock "" $tmp/live.img
 stop_nbdkit $nbdkit_pid
-cp -a $store $tmp/good
+
+# copy_store FROM TO: an exact copy of a stopped store, holes and all
+# (the seals record where a layer's data has holes).  Not cp -a: it
+# makes holes of runs of zeros in a sparse file, and a layer holds
+# such runs as data (in cbw mode, the old contents of pages that read
+# as zeros in the origin).
+copy_store ()
+{
+    python3 - "$1" "$2" <<'PYEOF'
+import os, shutil, stat, sys
+src, dst = sys.argv[1:3]
+os.mkdir(dst)
+shutil.copystat(src, dst)
+for name in sorted(os.listdir(src)):
+    s, d = os.path.join(src, name), os.path.join(dst, name)
+    st = os.lstat(s)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(s), d)
+        continue
+    if not stat.S_ISREG(st.st_mode):
+        continue                # the control socket of a stopped server
+    fi = os.open(s, os.O_RDONLY)
+    fo = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fo, st.st_size)
+    pos = 0
+    while pos < st.st_size:
+        try:
+            data = os.lseek(fi, pos, os.SEEK_DATA)
+        except OSError:
+            break               # only a hole from pos on
+        pos = os.lseek(fi, data, os.SEEK_HOLE)
+        os.lseek(fi, data, os.SEEK_SET)
+        os.lseek(fo, data, os.SEEK_SET)
+        left = pos - data
+        while left > 0:
+            buf = os.read(fi, min(left, 1 << 20))
+            assert buf, "%s: short read" % s
+            os.write(fo, buf)
+            left -= len(buf)
+    os.close(fi)
+    os.close(fo)
+    shutil.copystat(s, d)
+PYEOF
+}
+copy_store $store $tmp/good
 
 # The layers: s1 started the older one, s2 the newest.
 l1=$(ls $store | sed -n 's/^layer-\([0-9]*\)\.data$/\1/p' |
@@ -88,7 +132,7 @@ refused ()
 {
     start_fails "$1" $origin snapshot-store=$store
     rm -rf $store
-    cp -a $tmp/good $store
+    copy_store $tmp/good $store
 }
 
 # 1. A flipped bit in the body of a frozen layer's map (a bit set next
