@@ -32,6 +32,79 @@ median () {
                else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+# spread V...: (max - min) / median of V..., as "N%".  span V...:
+# "min-max" of V..., 2 decimals.
+spread () {
+  local m
+  m="$(median "$@")"
+  printf '%s\n' "$@" | sort -g |
+    awk -v m="$m" '{ v[NR] = $1 }
+                   END { printf "%.0f%%", (m > 0 ? 100 * (v[NR] - v[1]) / m : 0) }'
+}
+span () {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 } END { printf "%.2f-%.2f", v[1], v[NR] }'
+}
+
+# ratio A B: A/B with 2 decimals, or - (A or B missing, B zero).
+# le A B / ge A B: A (a ratio, - fails) at most / at least B.  yesno
+# CMD...: "yes" if CMD succeeds, else a bold "no".
+ratio () {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    if (a == "" || b == "" || a == "-" || b == "-" || b + 0 == 0) print "-";
+    else printf "%.2f", a / b }'
+}
+le () { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "-" && a + 0 <= b + 0) }'; }
+ge () { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "-" && a + 0 >= b + 0) }'; }
+yesno () { if "$@"; then echo yes; else echo "**no**"; fi; }
+
+# Ratios of paired samples: "A1 A2 ..." over "B1 B2 ..." (the same
+# repetitions, in the same order), one per line.  A ratio of two
+# figures measured side by side is steadier than the ratio of their
+# medians on a machine whose speed drifts between repetitions.
+paired_ratios () {
+  local -a a b
+  local i
+  read -ra a <<<"$1"
+  read -ra b <<<"$2"
+  [ "${#a[@]}" -eq "${#b[@]}" ] || return 1
+  for ((i = 0; i < ${#a[@]}; i++)); do
+    ratio "${a[i]}" "${b[i]}"
+    echo
+  done
+}
+
+# A row of a table of targets: target_row LABEL "A..." "B..." OP GOAL
+# [GOAL-TEXT]: the paired ratios A/B (paired_ratios) as "| LABEL |
+# median | min-max | spread | GOAL-TEXT | met |", where met says
+# whether the median, and then whether every repetition, is OP (ge or
+# le) GOAL.  The spread is that of the ratios: a margin over GOAL
+# narrower than it is not established.
+target_row () {
+  local label="$1" op="$4" goal="$5" text="${6:-}" m met all=yes q
+  local -a v=()
+  while read -r q; do
+    [ "$q" = - ] || v+=("$q")
+  done < <(paired_ratios "$2" "$3")
+  if [ "${#v[@]}" -eq 0 ]; then
+    echo "| $label | - | - | - | ${text:-$op $goal} | - |"
+    return 0
+  fi
+  m="$(median "${v[@]}")"
+  m="$(ratio "$m" 1)"
+  for q in "${v[@]}"; do
+    "$op" "$q" "$goal" || all=no
+  done
+  if "$op" "$m" "$goal"; then
+    met=yes
+    [ "$all" = yes ] || met="yes in the median, not in every repetition"
+  else
+    met="**no**"
+  fi
+  echo "| $label | $m | $(span "${v[@]}") | $(spread "${v[@]}") |" \
+       "${text:-$op $goal} | $met |"
+}
+
 # Run a command; sets c_cpu to its CPU seconds (user + system), from
 # bash's "time" (no GNU time process in between, no subshell).  The
 # command's stderr goes to the caller's; TIMEFILE is a scratch file.
