@@ -78,11 +78,13 @@ paired_ratios () {
 # [GOAL-TEXT]: the paired ratios A/B (paired_ratios) as "| LABEL |
 # median | min-max | spread | GOAL-TEXT | met |", where met says
 # whether the median, and then whether every repetition, is OP (ge or
-# le) GOAL.  The spread is that of the ratios: a margin over GOAL
-# narrower than it is not established.
+# le) GOAL; OP - for a ratio shown for comparison only.  The spread is
+# that of the ratios: a margin over GOAL narrower than it is not
+# established.
 target_row () {
-  local label="$1" op="$4" goal="$5" text="${6:-}" m met all=yes q
+  local label="$1" op="$4" goal="${5:-}" text="${6:-}" m met all=yes q
   local -a v=()
+  [ "$op" != - ] || text="${text:--}"
   while read -r q; do
     [ "$q" = - ] || v+=("$q")
   done < <(paired_ratios "$2" "$3")
@@ -92,6 +94,11 @@ target_row () {
   fi
   m="$(median "${v[@]}")"
   m="$(ratio "$m" 1)"
+  if [ "$op" = - ]; then
+    echo "| $label | $m | $(span "${v[@]}") | $(spread "${v[@]}") |" \
+         "$text | - |"
+    return 0
+  fi
   for q in "${v[@]}"; do
     "$op" "$q" "$goal" || all=no
   done
