@@ -74,42 +74,67 @@ paired_ratios () {
   done
 }
 
+# median_ci V...: a 95% confidence interval of the median of the
+# population V... was drawn from, distribution-free: "lo hi", the
+# order statistics of ranks k and n + 1 - k, k the largest for which
+# P(Binomial(n, 1/2) < k) <= 0.025 (at least 1: for n < 6, the range).
+median_ci () {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 }
+         END {
+           n = NR; k = 1; c = 0; p = 0.5 ^ n
+           for (i = 0; i < n; i++) {
+             c += p                      # P(X <= i)
+             if (c > 0.025) break
+             k = i + 1
+             p = p * (n - i) / (i + 1)
+           }
+           if (k > (n + 1) / 2) k = int((n + 1) / 2)
+           print v[k], v[n + 1 - k] }'
+}
+
 # A row of a table of targets: target_row LABEL "A..." "B..." OP GOAL
 # [GOAL-TEXT]: the paired ratios A/B (paired_ratios) as "| LABEL |
-# median | min-max | spread | GOAL-TEXT | met |", where met says
-# whether the median, and then whether every repetition, is OP (ge or
-# le) GOAL; OP - for a ratio shown for comparison only.  The spread is
-# that of the ratios: a margin over GOAL narrower than it is not
-# established.
+# median | 95% CI of the median | range | spread | GOAL-TEXT | met |";
+# OP (ge or le) GOAL is met if the whole confidence interval meets it,
+# not established if only the median does, not met if the median does
+# not; OP - for a ratio shown for comparison only.  The spread is that
+# of the ratios.
 target_row () {
-  local label="$1" op="$4" goal="${5:-}" text="${6:-}" m met all=yes q
+  local label="$1" op="$4" goal="${5:-}" text="${6:-}" m met q lo hi
   local -a v=()
   [ "$op" != - ] || text="${text:--}"
   while read -r q; do
     [ "$q" = - ] || v+=("$q")
   done < <(paired_ratios "$2" "$3")
   if [ "${#v[@]}" -eq 0 ]; then
-    echo "| $label | - | - | - | ${text:-$op $goal} | - |"
+    echo "| $label | - | - | - | - | ${text:-$op $goal} | - |"
     return 0
   fi
-  m="$(median "${v[@]}")"
-  m="$(ratio "$m" 1)"
+  m="$(ratio "$(median "${v[@]}")" 1)"
+  read -r lo hi < <(median_ci "${v[@]}")
   if [ "$op" = - ]; then
-    echo "| $label | $m | $(span "${v[@]}") | $(spread "${v[@]}") |" \
-         "$text | - |"
-    return 0
-  fi
-  for q in "${v[@]}"; do
-    "$op" "$q" "$goal" || all=no
-  done
-  if "$op" "$m" "$goal"; then
+    met=-
+  elif "$op" "$lo" "$goal" && "$op" "$hi" "$goal"; then
     met=yes
-    [ "$all" = yes ] || met="yes in the median, not in every repetition"
+  elif "$op" "$m" "$goal"; then
+    met="not established (the median meets it, the CI does not)"
+  elif "$op" "$lo" "$goal" || "$op" "$hi" "$goal"; then
+    met="**no** in the median (the CI reaches the target)"
   else
     met="**no**"
   fi
-  echo "| $label | $m | $(span "${v[@]}") | $(spread "${v[@]}") |" \
+  echo "| $label | $m | $lo-$hi | $(span "${v[@]}") | $(spread "${v[@]}") |" \
        "${text:-$op $goal} | $met |"
+}
+
+# cpu_of PID: the CPU seconds (user + system) process PID has used so
+# far, 2 decimals.
+cpu_of () {
+  awk -v hz="$(getconf CLK_TCK)" '{
+        # Fields after the command name, which is in parentheses.
+        sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' \
+    "/proc/$1/stat"
 }
 
 # Run a command; sets c_cpu to its CPU seconds (user + system), from
