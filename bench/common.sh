@@ -32,6 +32,111 @@ median () {
                else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+# spread V...: (max - min) / median of V..., as "N%".  span V...:
+# "min-max" of V..., 2 decimals.
+spread () {
+  local m
+  m="$(median "$@")"
+  printf '%s\n' "$@" | sort -g |
+    awk -v m="$m" '{ v[NR] = $1 }
+                   END { printf "%.0f%%", (m > 0 ? 100 * (v[NR] - v[1]) / m : 0) }'
+}
+span () {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 } END { printf "%.2f-%.2f", v[1], v[NR] }'
+}
+
+# ratio A B: A/B with 2 decimals, or - (A or B missing, B zero).
+# le A B / ge A B: A (a ratio, - fails) at most / at least B.  yesno
+# CMD...: "yes" if CMD succeeds, else a bold "no".
+ratio () {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    if (a == "" || b == "" || a == "-" || b == "-" || b + 0 == 0) print "-";
+    else printf "%.2f", a / b }'
+}
+le () { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "-" && a + 0 <= b + 0) }'; }
+ge () { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "-" && a + 0 >= b + 0) }'; }
+yesno () { if "$@"; then echo yes; else echo "**no**"; fi; }
+
+# Ratios of paired samples: "A1 A2 ..." over "B1 B2 ..." (the same
+# repetitions, in the same order), one per line.  A ratio of two
+# figures measured side by side is steadier than the ratio of their
+# medians on a machine whose speed drifts between repetitions.
+paired_ratios () {
+  local -a a b
+  local i
+  read -ra a <<<"$1"
+  read -ra b <<<"$2"
+  [ "${#a[@]}" -eq "${#b[@]}" ] || return 1
+  for ((i = 0; i < ${#a[@]}; i++)); do
+    ratio "${a[i]}" "${b[i]}"
+    echo
+  done
+}
+
+# median_ci V...: a 95% confidence interval of the median of the
+# population V... was drawn from, distribution-free: "lo hi", the
+# order statistics of ranks k and n + 1 - k, k the largest for which
+# P(Binomial(n, 1/2) < k) <= 0.025 (at least 1: for n < 6, the range).
+median_ci () {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 }
+         END {
+           n = NR; k = 1; c = 0; p = 0.5 ^ n
+           for (i = 0; i < n; i++) {
+             c += p                      # P(X <= i)
+             if (c > 0.025) break
+             k = i + 1
+             p = p * (n - i) / (i + 1)
+           }
+           if (k > (n + 1) / 2) k = int((n + 1) / 2)
+           print v[k], v[n + 1 - k] }'
+}
+
+# A row of a table of targets: target_row LABEL "A..." "B..." OP GOAL
+# [GOAL-TEXT]: the paired ratios A/B (paired_ratios) as "| LABEL |
+# median | 95% CI of the median | range | spread | GOAL-TEXT | met |";
+# OP (ge or le) GOAL is met if the whole confidence interval meets it,
+# not established if only the median does, not met if the median does
+# not; OP - for a ratio shown for comparison only.  The spread is that
+# of the ratios.
+target_row () {
+  local label="$1" op="$4" goal="${5:-}" text="${6:-}" m met q lo hi
+  local -a v=()
+  [ "$op" != - ] || text="${text:--}"
+  while read -r q; do
+    [ "$q" = - ] || v+=("$q")
+  done < <(paired_ratios "$2" "$3")
+  if [ "${#v[@]}" -eq 0 ]; then
+    echo "| $label | - | - | - | - | ${text:-$op $goal} | - |"
+    return 0
+  fi
+  m="$(ratio "$(median "${v[@]}")" 1)"
+  read -r lo hi < <(median_ci "${v[@]}")
+  if [ "$op" = - ]; then
+    met=-
+  elif "$op" "$lo" "$goal" && "$op" "$hi" "$goal"; then
+    met=yes
+  elif "$op" "$m" "$goal"; then
+    met="not established (the median meets it, the CI does not)"
+  elif "$op" "$lo" "$goal" || "$op" "$hi" "$goal"; then
+    met="**no** in the median (the CI reaches the target)"
+  else
+    met="**no**"
+  fi
+  echo "| $label | $m | $lo-$hi | $(span "${v[@]}") | $(spread "${v[@]}") |" \
+       "${text:-$op $goal} | $met |"
+}
+
+# cpu_of PID: the CPU seconds (user + system) process PID has used so
+# far, 2 decimals.
+cpu_of () {
+  awk -v hz="$(getconf CLK_TCK)" '{
+        # Fields after the command name, which is in parentheses.
+        sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' \
+    "/proc/$1/stat"
+}
+
 # Run a command; sets c_cpu to its CPU seconds (user + system), from
 # bash's "time" (no GNU time process in between, no subshell).  The
 # command's stderr goes to the caller's; TIMEFILE is a scratch file.

@@ -10,7 +10,10 @@
 #   4. commit of the newest snapshot (its layer is the live one);
 #   5. stream of the oldest snapshot (the origin is retired).
 # After each restart, before and after the resumed job ends, every
-# remaining snapshot and the live volume read as saved.
+# remaining snapshot and the live volume read as saved.  In cbw mode
+# the deletes move what each snapshot kept into the next older one (1
+# and 5, of the oldest, just drop its layer) and 3 writes the origin
+# back.
 
 source ./functions.sh
 set -e
@@ -94,10 +97,10 @@ scribble 6
 save_export $sock "" $tmp/live.img
 
 remaining=(s2 s3 s4 s5)
-crash_round $RANDOM delete s1 --strategy=commit
+crash_round $RANDOM delete s1 $(strategy commit)
 
 remaining=(s2 s4 s5)
-crash_round $RANDOM delete s3 --strategy=stream
+crash_round $RANDOM delete s3 $(strategy stream)
 
 # After a revert the live volume is s4.
 cp $tmp/s4.img $tmp/live.img
@@ -109,11 +112,11 @@ nbdsnap -c $store --json list |
 scribble 7
 save_export $sock "" $tmp/live.img
 remaining=(s2 s4)
-crash_round $RANDOM delete s5 --strategy=commit
+crash_round $RANDOM delete s5 $(strategy commit)
 
 remaining=(s4)
-crash_round $RANDOM delete s2 --strategy=stream
-grep -q '^origin retired$' $store/manifest
+crash_round $RANDOM delete s2 $(strategy stream)
+if is_row; then grep -q '^origin retired$' $store/manifest; fi
 
 # The journal is empty and a last restart reads the same.
 ! grep -q '^job ' $store/manifest

@@ -34,80 +34,7 @@ start ()
     start_store -D snapshot.job_delay=40000
 }
 
-# The client: CLIENT_SEED, CLIENT_OPS operations, starting from the
-# image CLIENT_START.  Once loaded and connected it touches
-# CLIENT_READY and waits for a line on the fifo CLIENT_GO; it touches
-# CLIENT_STARTED once its first operation is done, and writes its
-# model to CLIENT_MODEL at the end.
-cat > $tmp/client.py <<'EOF'
-import os, random
-rng = random.Random(int(os.environ["CLIENT_SEED"]))
-nops = int(os.environ["CLIENT_OPS"])
-with open(os.environ["CLIENT_START"], "rb") as f:
-    model = bytearray(f.read())
-size = len(model)
-assert h.get_size() == size
-open(os.environ["CLIENT_READY"], "w").close()
-open(os.environ["CLIENT_GO"]).read()
-
-def length():
-    return rng.choice([rng.randint(1, 4096), rng.randint(4096, 131072),
-                       65536, 262144])
-
-def verify(got, off, what):
-    want = model[off:off + len(got)]
-    if got != want:
-        i = next(i for i in range(len(got)) if got[i] != want[i])
-        raise AssertionError("%s: offset %d: read %#x, expected %#x" %
-                             (what, off + i, got[i], want[i]))
-
-for i in range(nops):
-    if i == 1:
-        open(os.environ["CLIENT_STARTED"], "w").close()
-    r = rng.random()
-    if r < 0.15:
-        # Up to 8 requests in flight, in distinct MiB slots so they
-        # cannot overlap: the result does not depend on their order.
-        slots = rng.sample(range(size >> 20), 8)
-        reqs = []
-        for s in slots:
-            n = rng.randint(1, 65536)
-            off = (s << 20) + rng.randrange(0, (1 << 20) - n + 1)
-            if rng.random() < 0.5:
-                data = rng.randbytes(n)
-                buf = nbd.Buffer.from_bytearray(bytearray(data))
-                reqs.append(("w", off, data, buf, h.aio_pwrite(buf, off)))
-            else:
-                buf = nbd.Buffer(n)
-                reqs.append(("r", off, None, buf, h.aio_pread(buf, off)))
-        while h.aio_in_flight() > 0:
-            h.poll(-1)
-        for kind, off, data, buf, cookie in reqs:
-            h.aio_command_completed(cookie)
-            if kind == "w":
-                model[off:off + len(data)] = data
-        for kind, off, data, buf, cookie in reqs:
-            if kind == "r":
-                verify(buf.to_bytearray(), off, "op %d (in flight)" % i)
-        continue
-    n = length()
-    off = rng.randrange(0, size - n + 1)
-    if r < 0.5:
-        data = rng.randbytes(n)
-        h.pwrite(data, off)
-        model[off:off + n] = data
-    elif r < 0.55:
-        h.zero(n, off)
-        model[off:off + n] = bytes(n)
-    elif r < 0.6:
-        h.flush()
-    else:
-        verify(h.pread(n, off), off, "op %d" % i)
-h.flush()
-with open(os.environ["CLIENT_MODEL"], "wb") as f:
-    f.write(model)
-print("client: %d operations checked" % nops)
-EOF
+# The client is model_client (functions.sh.in).
 
 job_field ()
 {
@@ -148,7 +75,7 @@ run_with_client ()
     CLIENT_SEED=$seed CLIENT_OPS=500 CLIENT_START=$tmp/start-$seed.img \
     CLIENT_MODEL=$tmp/model-$seed.img CLIENT_READY=$tmp/ready \
     CLIENT_GO=$tmp/go CLIENT_STARTED=$tmp/started \
-        nbdsh -u "$(nbd_uri $sock)" -c "exec(open('$tmp/client.py').read())" &
+        nbdsh -u "$(nbd_uri $sock)" -c "$model_client" &
     client=$!
     cleanup_fn kill $client
     wait_for test -e $tmp/ready

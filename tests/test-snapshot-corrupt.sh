@@ -20,8 +20,8 @@ store=$tmp/store
 sock=$tmp/nbd.sock
 make_origin $origin 16M
 
-# Snapshot s1, bitmap-only b1, snapshot s2, with writes, zeroes (the
-# newest layer punches holes for them) and a trim between them.
+# Snapshot s1, bitmap-only b1, snapshot s2, with writes, zeroes (row:
+# the newest layer punches holes for them) and a trim between them.
 start_store
 nbdsnap -c $store create s1
 nbdsh -u "$(nbd_uri $sock)" -c '
@@ -37,6 +37,7 @@ h.flush()
 nbdsnap -c $store create s2
 nbdsh -u "$(nbd_uri $sock)" -c '
 h.pwrite(b"\x33" * 200000, 6 << 20)
+h.pwrite(bytes(65536 + 3000), (7 << 20) - 1000)
 h.zero(65536, 6 << 20)
 h.trim(65536, (6 << 20) + 65536)
 h.flush()
@@ -45,7 +46,16 @@ save_export $sock snap/s1 $tmp/s1.img
 save_export $sock snap/s2 $tmp/s2.img
 save_export $sock "" $tmp/live.img
 stop_nbdkit $nbdkit_pid
-cp -a $store $tmp/good
+
+# copy_store FROM TO: a copy of a stopped store as a user would make
+# one: cp -a --sparse=always makes holes of every run of zeros.  A
+# layer never holds a page of zeros as data, so the copy matches the
+# seals (which record where a layer's data has holes).
+copy_store ()
+{
+    cp -a --sparse=always "$1" "$2"
+}
+copy_store $store $tmp/good
 
 # The layers: s1 started the older one, s2 the newest.
 l1=$(ls $store | sed -n 's/^layer-\([0-9]*\)\.data$/\1/p' |
@@ -88,7 +98,7 @@ refused ()
 {
     start_fails "$1" $origin snapshot-store=$store
     rm -rf $store
-    cp -a $tmp/good $store
+    copy_store $tmp/good $store
 }
 
 # 1. A flipped bit in the body of a frozen layer's map (a bit set next

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # nbdkit-snapshot
 # Guarantee 5: a full disk.  The store lives on a small tmpfs; writes
-# into the layer run out of space.  ENOSPC reaches the client, every
+# into the layer (cbw: the old contents kept there before the origin
+# is overwritten) run out of space.  ENOSPC reaches the client, every
 # write acknowledged (and flushed) before reads back, the snapshot is
 # unchanged, and after a restart on the still-full store all of that
 # holds again.

@@ -106,6 +106,17 @@ checksums $tmp/livemnt > $tmp/live.sums
 diff -u $tmp/new.sums $tmp/live.sums
 test ! -e $tmp/livemnt/small
 
+# cbw: the origin file itself holds the new filesystem.  A second
+# reader of it (a read-only loop mount of the file, beside nbdkit)
+# finds the new files, while snap/before still has the old ones.
+if is_cbw; then
+    loop_mount $origin $tmp/originmnt ro,noload
+    checksums $tmp/originmnt > $tmp/origin.sums
+    diff -u $tmp/new.sums $tmp/origin.sums
+    checksums $tmp/snapmnt > $tmp/snap2.sums
+    diff -u $tmp/old.sums $tmp/snap2.sums
+fi
+
 # The snapshot's filesystem is clean.
 umount $tmp/snapmnt
 e2fsck_out=$(e2fsck -f -n $tmp/snap/nbd 2>&1) ||

@@ -132,5 +132,6 @@ verify s1 s2 s3 s4
 checkpoints > $tmp/after.json
 diff -u $tmp/before.json $tmp/after.json
 
-# The origin was frozen by s1.
-cmp $origin $tmp/s1.img
+# The origin was frozen by s1 (row), or holds the live volume, the
+# writes of every phase (cbw).
+check_origin $tmp/s1.img $REF

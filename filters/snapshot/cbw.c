@@ -44,7 +44,10 @@
  * origin does not hold back yet (revert_done); the job writes them into
  * the origin, each after preserving the origin's page for the newer
  * snapshots as any write does.  A client writing such a page first
- * writes S's page into the origin.  revert_done is saved on a client's
+ * writes S's page into the origin; every page a client writes is done
+ * from then on (the job must not copy S's page over it, even one that
+ * the write itself kept for the newer snapshots).  revert_done is
+ * saved on a client's
  * flush, so a restarted job never writes over a page a client wrote
  * and flushed; pages it copied back again read the same.
  */
@@ -170,12 +173,11 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
       errno = *err;
       goto err;
     }
-    /* Data, then bits: a reader that sees the bit finds the data. */
-    if (full_pwrite (l->data_fd, buf, run_len (p, q), run_off (p)) == -1)
-      goto err;
-    __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+    /* Data, then bits: a reader that sees the bit finds the data.
+     * Zeros (a hole of the origin, say) stay holes.
+     */
     memset (&fresh[p - first], 1, q - p);
-    if (sbitmap_set_range (&l->map, p, q - p) == -1)
+    if (layer_put (l, buf, p, q) == -1)
       goto err;
     kept = true;
     p = q;
@@ -358,6 +360,16 @@ cbw_write (nbdkit_next *next, enum op op, const void *buf, uint32_t count,
       ret = origin_client_trim (next, count, offset, flags, err);
       break;
     }
+  }
+  /* During a revert, the origin now holds what the live volume must
+   * read for these pages: the job must not copy the snapshot's over
+   * them (the page kept just now for the newer snapshots would
+   * otherwise look like one changed since the snapshot).
+   */
+  if (ret == 0 && reverting &&
+      sbitmap_set_range (&store.revert_done, first, last - first + 1) == -1) {
+    *err = errno;
+    ret = -1;
   }
   if (store.nlayers > 0 || reverting)
     rangelock_release (&store.pages, &r);

@@ -43,17 +43,6 @@
 /* The buffer of the job thread's steps (one job runs at a time). */
 static char job_buf[CHUNK_PAGES * PAGE_SIZE_BYTES];
 
-static bool
-is_zero (const char *buf, size_t len)
-{
-  static const char zero[PAGE_SIZE_BYTES];
-
-  for (size_t o = 0; o < len; o += PAGE_SIZE_BYTES)
-    if (memcmp (buf + o, zero, MIN ((size_t) PAGE_SIZE_BYTES, len - o)))
-      return false;
-  return true;
-}
-
 uint64_t
 run_off (uint64_t p)
 {
@@ -90,21 +79,11 @@ pages_bytes (uint64_t pages)
   return MIN (pages * PAGE_SIZE_BYTES, store.size);
 }
 
-/* Store pages [p, q) from buf into layer l and set their bits.  An
- * all-zero run becomes a hole (it reads as zeros and takes no space).
- */
 int
 layer_put (struct layer *l, const char *buf, uint64_t p, uint64_t q)
 {
-  uint64_t off = run_off (p), len = run_len (p, q);
-
-  if (!is_zero (buf, len) ||
-      fallocate (l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                 off, len) == -1) {
-    if (full_pwrite (l->data_fd, buf, len, off) == -1)
-      return -1;
-  }
-  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+  if (layer_store (l, buf, p, q) == -1)
+    return -1;
   return sbitmap_set_range (&l->map, p, q - p) == -1 ? -1 : 0;
 }
 

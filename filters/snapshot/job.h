@@ -152,8 +152,8 @@ extern void job_drop_layer (size_t i);
  */
 extern int job_scan (struct job *j);
 
-/* Store pages [p, q) from buf into layer l and set their bits; an
- * all-zero run becomes a hole.  Return 0, or -1 with errno set.
+/* Store pages [p, q) from buf into layer l and set their bits; runs of
+ * all-zero pages become holes.  Return 0, or -1 with errno set.
  */
 extern int layer_put (struct layer *l, const char *buf, uint64_t p,
                       uint64_t q);

@@ -282,6 +282,50 @@ layer_create (uint64_t id)
   return NULL;
 }
 
+bool
+pages_are_zero (const char *buf, size_t len)
+{
+  static const char zero[PAGE_SIZE_BYTES];
+
+  for (size_t o = 0; o < len; o += PAGE_SIZE_BYTES)
+    if (memcmp (buf + o, zero, MIN ((size_t) PAGE_SIZE_BYTES, len - o)))
+      return false;
+  return true;
+}
+
+/* Length of page p (the last one of the volume may be short). */
+static size_t
+page_bytes (uint64_t p)
+{
+  return MIN ((uint64_t) PAGE_SIZE_BYTES, store.size - (p << PAGE_SHIFT));
+}
+
+int
+layer_store (struct layer *l, const char *buf, uint64_t p, uint64_t q)
+{
+  while (p < q) {
+    const uint64_t off = p << PAGE_SHIFT;
+    const bool zero = pages_are_zero (buf, page_bytes (p));
+    uint64_t e = p + 1, len;
+
+    while (e < q &&
+           pages_are_zero (buf + ((e - p) << PAGE_SHIFT), page_bytes (e))
+           == zero)
+      e++;
+    len = MIN (e << PAGE_SHIFT, store.size) - off;
+    if (!zero ||
+        fallocate (l->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                   off, len) == -1) {
+      if (full_pwrite (l->data_fd, buf, len, off) == -1)
+        return -1;
+    }
+    buf += len;
+    p = e;
+  }
+  __atomic_store_n (&l->data_dirty, 1, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
 int
 layer_flush (struct layer *l)
 {

@@ -255,6 +255,20 @@ extern void layer_free (struct layer *l);
 extern int layer_unseal (struct layer *l) __attribute__ ((__nonnull__ (1)));
 extern int layer_seal (struct layer *l) __attribute__ ((__nonnull__ (1)));
 
+/* Whether buf's len bytes are all zero. */
+extern bool pages_are_zero (const char *buf, size_t len);
+
+/* Write pages [p, q) from buf (page p first, the last one short at the
+ * end of the volume) into layer l's data, without setting their bits.
+ * All-zero pages become holes: they read as zeros, take no space, are
+ * reported as holes, and a copy of the store that makes holes of
+ * zeros (cp, rsync -S) leaves them as they were.  Return 0, or -1
+ * with errno set.
+ */
+extern int layer_store (struct layer *l, const char *buf, uint64_t p,
+                        uint64_t q)
+  __attribute__ ((__nonnull__ (1, 2)));
+
 /* Make the writes to layer l durable (see "Ordering" above).  Return 0,
  * or -1 with errno set.
  */

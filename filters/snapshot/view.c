@@ -300,6 +300,12 @@ top_write_partial (nbdkit_next *next, const void *buf, uint32_t count,
     if (full_pwrite (top->data_fd, buf ? buf : zero_page, count, offset) == -1)
       goto err;
     __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
+    /* A page that is all zeros now becomes a hole (layer_store). */
+    if ((buf == NULL || pages_are_zero (buf, count)) &&
+        full_pread (top->data_fd, page, plen, poff) == 0 &&
+        pages_are_zero (page, plen) &&
+        layer_store (top, page, pg, pg + 1) == -1)
+      goto err;
     return 0;
   }
   /* Below the newest layer: the layers under it, or during a revert
@@ -309,9 +315,8 @@ top_write_partial (nbdkit_next *next, const void *buf, uint32_t count,
   if (view_pread (next, &below, page, plen, poff, err) == -1)
     return -1;
   memcpy (page + (offset - poff), buf ? buf : zero_page, count);
-  if (full_pwrite (top->data_fd, page, plen, poff) == -1)
+  if (layer_store (top, page, pg, pg + 1) == -1)
     goto err;
-  __atomic_store_n (&top->data_dirty, 1, __ATOMIC_SEQ_CST);
   if (sbitmap_set (&top->map, pg) == -1)
     goto err;
   return 0;
@@ -333,7 +338,7 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
   const uint64_t len = MIN (page_off (pg + npg), store.size) - off;
 
   if (buf) {
-    if (full_pwrite (top->data_fd, buf, len, off) == -1)
+    if (layer_store (top, buf, pg, pg + npg) == -1)
       goto err;
   }
   else if (fallocate (top->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
