@@ -7,20 +7,21 @@
  * (the origin, or the layer it fills) each time FLUSH_AHEAD_BYTES more
  * have been copied, while the copy goes on, so copying and writing back
  * overlap and the final sync finds little left to write.  On the bench
- * machine a 95% commit of 1 GiB went from 0.86 to 0.64 s, a 5% stream
- * from 0.95 to 0.79 s, a 50% one from 0.58 to 0.46 s.  What a crash may
+ * machine a 95% commit of 1 GiB takes 0.64 s with it against 0.86 s
+ * without, a 5% stream 0.79 s against 0.95 s, a 50% one 0.46 s against
+ * 0.58 s.  What a crash may
  * lose still rests on the final job_sync alone.  A layer's sync also
  * writes its map (layer_flush_fd), which records the job's progress:
- * the job thread then needs no periodic sync of its own, which stalled
- * the copy while the disk caught up (its fdatasync calls, the final one
- * included, took 1.3 s of a 2.65 s stream of 2 GiB).
+ * the job thread then needs no periodic sync of its own, which would
+ * stall the copy while the disk caught up (such fdatasync calls, the
+ * final one included, take 1.3 s of a 2.65 s stream of 2 GiB).
  *
  * Into a layer, the flusher also starts write-back of each step as soon
  * as it is copied (sync_file_range, SYNC_FILE_RANGE_WRITE), so that a
  * job smaller than FLUSH_AHEAD_BYTES overlaps too: a 95% stream of
- * 1 GiB (51 MiB copied) took 0.095 s instead of 0.103 s (medians of 6
- * interleaved runs, docs/benchmarks.md), its final fdatasync
- * 32 ms instead of 68 ms.  That call is not free: it submits the I/O
+ * 1 GiB (51 MiB copied) takes 0.095 s instead of 0.103 s (medians of 6
+ * interleaved runs on the bench machine), its final fdatasync 32 ms
+ * instead of 68 ms.  That call is not free: it submits the I/O
  * and waits for room in the disk's queue (362 us a call, 1.4 s in all
  * of a stream of 2 GiB under strace -w), so the job thread
  * only reports how far it has copied and goes on copying.
@@ -82,7 +83,7 @@ flusher_sync (struct flusher *f)
  * passes over data no client asked for, and the freed pages serve the
  * rest of the copy: on a VM that hands free memory back to its host,
  * writing into pages just freed costs far less than into new ones
- * (docs/benchmarks.md).  Only the runs the job wrote: the
+ * (docs/benchmarks.md, "New page-cache pages on this VM").  Only the runs the job wrote: the
  * rest of the layer is the clients' data, and may be what they read.
  * (Clean pages only: a client's dirty ones stay.)
  */

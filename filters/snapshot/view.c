@@ -377,8 +377,8 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
  * becomes a delayed extent of its own, reserved and looked up one by
  * one.  Into allocated space, the later writes of the unit's pages
  * only map what is there.  Random 4K writes into a fresh layer on ext4
- * ran 10-20% faster in back-to-back runs (docs/benchmarks.md has the
- * figures and their noise).
+ * run 10-20% faster with the unit allocated ahead (fio, the bench
+ * machine of docs/benchmarks.md).
  *
  * Why the second page and not the first: a unit that gets only one
  * page (sequential 4K writes at a stride, or a lone change) would pay
@@ -396,9 +396,10 @@ top_write_pages (const void *buf, uint64_t pg, uint64_t npg, int *err)
  * writes spread over the volume, most units of a region then find
  * their space allocated before their first page comes: one fallocate
  * call per region instead of one per unit, and no page written into a
- * hole.  Random 4K writes after a snapshot ran about 12% faster
- * (median of 6 interleaved pairs of runs, docs/benchmarks.md).  A region is allocated only where it already holds 8 pages and a
- * unit in it gets its second: at most 1 MiB of disk for 36 KiB
+ * hole.  Random 4K writes after a snapshot run about 12% faster (median
+ * of 6 interleaved pairs of runs, docs/benchmarks.md, "Writes into a
+ * fresh layer").  A region is allocated only where it already holds 8
+ * pages and a unit in it gets its second: at most 1 MiB of disk for 36 KiB
  * written, where qcow2 with 2 MiB clusters allocates 2 MiB on the first
  * write.  The regions allocated are remembered in memory only (a
  * restart forgets them, and at worst asks again for space that is
