@@ -307,6 +307,7 @@ struct backup {
   bool started;                 /* the copy has begun */
   bool written;                 /* FILE has been changed */
   bool failed;                  /* an error has been printed */
+  uint64_t unkicked;            /* bytes written since writeback began */
   struct progress progress;
 };
 
@@ -329,6 +330,27 @@ nbd_failure (struct backup *b, const char *what)
     snap_error ("backup: %s: %s: %s", b->uri, what, nbd_get_error ());
   }
   b->failed = true;
+}
+
+/* Write-back of FILE starts every this many bytes written. */
+#define WRITEBACK_BATCH (8 * 1024 * 1024)
+
+/* Count n bytes just written to FILE, and every WRITEBACK_BATCH bytes
+ * start writing back what is dirty, without waiting for it: the disk
+ * then works while the copy goes on, and the final fsync (or the
+ * chain's fdatasync of its new layer) waits only for the last batch.
+ * A failure here is harmless: fsync reports errors of the data.
+ */
+static void
+wrote (struct backup *b, uint64_t n)
+{
+  b->unkicked += n;
+  if (b->unkicked < WRITEBACK_BATCH)
+    return;
+  b->unkicked = 0;
+#ifdef SYNC_FILE_RANGE_WRITE
+  (void) sync_file_range (b->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+#endif
 }
 
 static bool
@@ -376,6 +398,7 @@ write_pages (struct backup *b, const struct request *req)
       b->failed = true;
       return -1;
     }
+    wrote (b, e - s);
     i = e;
   }
   return 0;
@@ -417,6 +440,7 @@ read_done (void *vp, int *error)
       b->failed = true;
       return 1;
     }
+    wrote (b, req->count);
   }
   b->bytes_copied += req->count;
   progress_add (&b->progress, req->count);
