@@ -542,7 +542,11 @@ connect_export (struct backup *b, bool *have_status, char **export)
     snap_error ("backup: nbd_create: %s", nbd_get_error ());
     return -1;
   }
+  /* URI is the user's, as for nbdcopy and nbdinfo: it may name local
+   * files, as in nbds://...?tls-psk-file=FILE.
+   */
   if (nbd_add_meta_context (b->nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
+      nbd_set_uri_allow_local_file (b->nbd, true) == -1 ||
       nbd_connect_uri (b->nbd, b->uri) == -1) {
     nbd_failure (b, "connect");
     return -1;
