@@ -60,6 +60,7 @@
 #include "cleanup.h"
 #include "util.h"
 #include "nbdsnap.h"
+#include "progress.h"
 
 /* Largest read request.  Servers must accept 32 MiB; a smaller
  * maximum advertised by the server wins.
@@ -70,99 +71,6 @@
  * that some servers cannot handle).
  */
 #define STATUS_SIZE (UINT64_C (1024) * 1024 * 1024)
-
-#define BAR_WIDTH 40
-
-/* ---- Progress ---- */
-
-struct progress {
-  uint64_t total;               /* export size */
-  uint64_t done;                /* bytes skipped or written */
-  int shown;                    /* percentage last shown, -1 if none */
-  bool bar;                     /* draw a bar on stderr */
-  bool bar_open;                /* the bar's line has no newline yet */
-  int fd;                       /* --progress=FD, or -1 */
-};
-
-/* Write a "N/100" line to the progress descriptor.  Failures are
- * ignored (the backup matters more than its progress), but after one
- * the descriptor is no longer used.
- */
-static void
-progress_write_fd (struct progress *p, int percent)
-{
-  char line[16];
-  int len = snprintf (line, sizeof line, "%d/100\n", percent);
-  const char *s = line;
-
-  while (len > 0) {
-    ssize_t r = write (p->fd, s, len);
-
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      p->fd = -1;
-      return;
-    }
-    s += r;
-    len -= r;
-  }
-}
-
-/* Show the progress if the percentage changed.  Only finished shows
- * 100: until the data is synced the backup is not done.
- */
-static void
-progress_show (struct progress *p, bool finished)
-{
-  int percent;
-
-  if (!p->bar && p->fd == -1)
-    return;
-  if (finished)
-    percent = 100;
-  else {
-    /* double: done * 100 could overflow a uint64_t. */
-    percent = p->total ? (int) ((double) p->done * 100 / p->total) : 0;
-    percent = MIN (percent, 99);
-  }
-  if (percent == p->shown)
-    return;
-  p->shown = percent;
-
-  if (p->fd >= 0)
-    progress_write_fd (p, percent);
-  if (p->bar) {
-    char bar[BAR_WIDTH + 1];
-    int fill = percent * BAR_WIDTH / 100;
-
-    memset (bar, '#', fill);
-    memset (bar + fill, '.', BAR_WIDTH - fill);
-    bar[BAR_WIDTH] = '\0';
-    fprintf (stderr, "\r[%s] %3d%%", bar, percent);
-    if (finished)
-      fputc ('\n', stderr);
-    p->bar_open = !finished;
-    fflush (stderr);
-  }
-}
-
-static void
-progress_add (struct progress *p, uint64_t bytes)
-{
-  p->done += bytes;
-  progress_show (p, false);
-}
-
-/* End the bar's line, so that an error message starts on its own. */
-static void
-progress_abandon (struct progress *p)
-{
-  if (p->bar_open) {
-    fputc ('\n', stderr);
-    p->bar_open = false;
-  }
-}
 
 /* ---- URIs ---- */
 
@@ -658,7 +566,11 @@ connect_export (struct backup *b, bool *have_status, char **export)
     snap_error ("backup: nbd_create: %s", nbd_get_error ());
     return -1;
   }
+  /* URI is the user's, as for nbdcopy and nbdinfo: it may name local
+   * files, as in nbds://...?tls-psk-file=FILE.
+   */
   if (nbd_add_meta_context (b->nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
+      nbd_set_uri_allow_local_file (b->nbd, true) == -1 ||
       nbd_connect_uri (b->nbd, b->uri) == -1) {
     nbd_failure (b, "connect");
     return -1;
@@ -877,7 +789,6 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
     .dest_zero = backup_since == NULL || to_chain,
     .max_requests = backup_requests,
     .data_end = UINT64_MAX,
-    .progress = { .shown = -1, .fd = progress_fd },
   };
   bool have_status;
   int r = -1;
@@ -911,22 +822,8 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   b.uri = dirty ? dirty : operands[0];
   b.point = point;
 
-  if (progress_fd >= 0) {
-    int fl = fcntl (progress_fd, F_GETFL);
-
-    if (fl == -1) {
-      snap_error ("--progress=%d: %m", progress_fd);
-      return -1;
-    }
-    if ((fl & O_ACCMODE) == O_RDONLY) {
-      snap_error ("--progress=%d: not open for writing", progress_fd);
-      return -1;
-    }
-    /* A reader that goes away must not kill the backup. */
-    signal (SIGPIPE, SIG_IGN);
-  }
-  else
-    b.progress.bar = progress_bar || isatty (STDERR_FILENO);
+  if (progress_init (&b.progress) == -1)
+    return -1;
 
   if (connect_export (&b, &have_status, &export) == -1)
     goto out;
@@ -946,9 +843,8 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   else if (open_file (&b) == -1)
     goto out;
 
-  b.progress.total = b.size;
   b.started = true;
-  progress_show (&b.progress, false);
+  progress_update (&b.progress, 0, b.size);
   if (copy_export (&b, have_status) == -1)
     goto out;
   if (b.chain) {
@@ -972,7 +868,7 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
     }
     b.fd = -1;
   }
-  progress_show (&b.progress, true);
+  progress_finish (&b.progress);
   r = print_result (&b, export, out);
 
  out:

@@ -5,9 +5,9 @@
  * "wait" sends the server a "wait" request for one job it waits for,
  * which returns as soon as that job ends, or after WAIT_BAR_MS (with a
  * progress bar) or WAIT_QUIET_MS, then asks for the job list, until
- * every job it waits for has ended.  It draws a progress bar on stderr
- * when that is a terminal (or with --progress), or "N/100" lines on
- * --progress=FD.
+ * every job it waits for has ended.  It shows the jobs' progress as
+ * backup does (progress.c): a bar on stderr when that is a terminal (or
+ * with --progress), or "N/100" lines on --progress=FD.
  */
 #include <config.h>
 
@@ -25,6 +25,7 @@
 #include "json.h"
 #include "util.h"
 #include "nbdsnap.h"
+#include "progress.h"
 
 #define WAIT_BAR_MS 100
 #define WAIT_QUIET_MS 1000
@@ -234,24 +235,6 @@ run_cancel (const struct command *cmd, char **operands, FILE *out)
   return control_print (cmd, &req, out, print_job_reply);
 }
 
-static void
-draw_bar (int pct, bool final)
-{
-  int width = 40, fill;
-
-  pct = pct < 0 ? 0 : pct > 100 ? 100 : pct;
-  fill = pct * width / 100;
-  if (progress_fd >= 0) {
-    dprintf (progress_fd, "%d/100\n", pct);
-    return;
-  }
-  fprintf (stderr, "\r[%.*s%*s] %3d%%", fill,
-           "########################################", width - fill, "", pct);
-  if (final)
-    fputc ('\n', stderr);
-  fflush (stderr);
-}
-
 /* Ask for the job list.  NULL after printing an error. */
 static struct json *
 get_jobs (const struct command *cmd, const struct json **list)
@@ -320,15 +303,15 @@ is_running (const struct json *j)
   return state && strcmp (state, "running") == 0;
 }
 
-/* Wait until none of the jobs ids[0..nids) is running, drawing the
- * progress bar.  *reply is the last job list asked for (*list in it);
- * the caller frees it.  Return 0, or -1 after an error message (and
- * with *reply freed).  *last_pct is the last percentage drawn, or -1.
+/* Wait until none of the jobs ids[0..nids) is running, showing their
+ * progress.  *reply is the last job list asked for (*list in it); the
+ * caller frees it.  Return 0, or -1 after an error message (and with
+ * *reply freed, and the bar's line ended).
  */
 static int
 wait_for_jobs (const struct command *cmd, const int64_t *ids, size_t nids,
-               struct json **reply, const struct json **list, bool bar,
-               int *last_pct)
+               struct json **reply, const struct json **list,
+               struct progress *progress)
 {
   for (;;) {
     int64_t done = 0, total = 0, running_id = 0;
@@ -348,20 +331,16 @@ wait_for_jobs (const struct command *cmd, const int64_t *ids, size_t nids,
     }
     if (!running)
       return 0;
-    if (bar) {
-      int pct = total > 0 ? (int) (done * 100 / total) : 0;
-      if (pct != *last_pct)
-        draw_bar (pct, false);
-      *last_pct = pct;
-    }
+    progress_update (progress, done, total);
     json_free (*reply);
     *reply = NULL;
-    if (wait_for_job (cmd, running_id, bar ? WAIT_BAR_MS : WAIT_QUIET_MS)
-        == -1)
+    if (wait_for_job (cmd, running_id,
+                      progress_active (progress) ? WAIT_BAR_MS : WAIT_QUIET_MS)
+        == -1 ||
+        (*reply = get_jobs (cmd, list)) == NULL) {
+      progress_abandon (progress);
       return -1;
-    *reply = get_jobs (cmd, list);
-    if (*reply == NULL)
-      return -1;
+    }
   }
 }
 
@@ -381,34 +360,38 @@ job_outcome (const struct command *cmd, int64_t id, const struct json *j)
   return -1;
 }
 
-/* Draw a progress bar: on a terminal, or as asked (--progress[=FD]). */
-static bool
-want_bar (void)
-{
-  return progress_fd >= 0 || progress_bar || isatty (2);
-}
-
-/* End the progress bar: complete on success, else a new line. */
+/* The jobs ids[0..nids) have ended: finish the progress if every one
+ * is done, else end the bar's line for the errors job_outcome prints.
+ */
 static void
-end_bar (bool bar, int ret, int last_pct)
+end_progress (struct progress *progress, const struct json *list,
+              const int64_t *ids, size_t nids)
 {
-  if (bar && ret == 0)
-    draw_bar (100, true);
-  else if (bar && progress_fd < 0 && last_pct >= 0)
-    fputc ('\n', stderr);
+  for (size_t k = 0; k < nids; ++k) {
+    const struct json *j = find_job (list, ids[k]);
+    const char *state = j ? json_get_string (j, "state") : "done";
+
+    if (state == NULL || strcmp (state, "done") != 0) {
+      progress_abandon (progress);
+      return;
+    }
+  }
+  progress_finish (progress);
 }
 
 int
 run_wait (const struct command *cmd, char **operands, FILE *out)
 {
-  const bool bar = want_bar ();
+  struct progress progress;
   CLEANUP_FREE int64_t *ids = NULL;
   size_t nids = 0;
-  int last_pct = -1, ret = 0;
+  int ret = 0;
   struct json *reply;
   const struct json *list;
   struct jw w;
 
+  if (progress_init (&progress) == -1)
+    return -1;
   /* The jobs to wait for: JOB, or every job running now. */
   reply = get_jobs (cmd, &list);
   if (reply == NULL)
@@ -434,8 +417,9 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
       if (is_running (list->items[i]))
         json_get_int (list->items[i], "id", &ids[nids++]);
 
-  if (wait_for_jobs (cmd, ids, nids, &reply, &list, bar, &last_pct) == -1)
+  if (wait_for_jobs (cmd, ids, nids, &reply, &list, &progress) == -1)
     return -1;
+  end_progress (&progress, list, ids, nids);
 
   /* Report each job; one that failed or was cancelled is an error. */
   if (json_output) {
@@ -466,7 +450,6 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
   }
   if (nids == 0 && !json_output)
     fprintf (out, "no jobs running\n");
-  end_bar (bar, ret, last_pct);
   json_free (reply);
   return ret;
 }
@@ -482,12 +465,15 @@ start_job (const struct command *cmd, struct jw *req, FILE *out,
            int (*print) (const struct command *cmd,
                          const struct json *reply, FILE *out))
 {
-  const bool bar = want_bar ();
-  struct json *reply = control_request (cmd, req), *jobs;
+  struct progress progress;
+  struct json *reply, *jobs;
   const struct json *list, *j;
   int64_t id;
-  int last_pct = -1, r;
+  int r;
 
+  if (job_wait && progress_init (&progress) == -1)
+    return -1;
+  reply = control_request (cmd, req);
   if (reply == NULL)
     return -1;
   if (!job_wait || (j = json_get (reply, "job")) == NULL ||
@@ -504,12 +490,16 @@ start_job (const struct command *cmd, struct jw *req, FILE *out,
 
   jobs = get_jobs (cmd, &list);
   if (jobs == NULL ||
-      wait_for_jobs (cmd, &id, 1, &jobs, &list, bar, &last_pct) == -1) {
+      wait_for_jobs (cmd, &id, 1, &jobs, &list, &progress) == -1) {
     snap_error ("%s: job %" PRIi64 " was started, but could not be waited "
                 "for (see 'nbdsnap jobs')", cmd->name, id);
     return -1;
   }
   j = find_job (list, id);
+  if (j == NULL)
+    progress_abandon (&progress);
+  else
+    end_progress (&progress, list, &id, 1);
   if (j == NULL) {
     snap_error ("%s: job %" PRIi64 " is gone from the job list", cmd->name,
                 id);
@@ -533,7 +523,6 @@ start_job (const struct command *cmd, struct jw *req, FILE *out,
       print_job (out, j);
     r = job_outcome (cmd, id, j);
   }
-  end_bar (bar, r, last_pct);
   json_free (jobs);
   return r;
 }

@@ -25,6 +25,7 @@
 #undef nbd_can_meta_context
 #undef nbd_block_status
 #undef nbd_add_meta_context
+#undef nbd_set_uri_allow_local_file
 
 struct libnbd_functions libnbd;
 

@@ -16,7 +16,8 @@
   F (nbd_create) F (nbd_close) F (nbd_get_error) F (nbd_connect_uri) \
   F (nbd_shutdown) F (nbd_poll) F (nbd_aio_in_flight) F (nbd_aio_pread) \
   F (nbd_get_size) F (nbd_get_export_name) F (nbd_get_block_size) \
-  F (nbd_can_meta_context) F (nbd_block_status) F (nbd_add_meta_context)
+  F (nbd_can_meta_context) F (nbd_block_status) F (nbd_add_meta_context) \
+  F (nbd_set_uri_allow_local_file)
 
 struct libnbd_functions {
 #define LIBNBD_POINTER(f) __typeof__ (f) *f;
@@ -44,5 +45,6 @@ extern int libnbd_load (void);
 #define nbd_can_meta_context (libnbd.nbd_can_meta_context)
 #define nbd_block_status (libnbd.nbd_block_status)
 #define nbd_add_meta_context (libnbd.nbd_add_meta_context)
+#define nbd_set_uri_allow_local_file (libnbd.nbd_set_uri_allow_local_file)
 
 #endif /* NBDSNAP_LIBNBD_DL_H */

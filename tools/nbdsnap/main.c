@@ -180,7 +180,11 @@ usage (FILE *fp, int exit_code)
 
     snprintf (buf, sizeof buf, "%s%s%s", commands[i].name,
               commands[i].operands[0] ? " " : "", commands[i].operands);
-    fprintf (fp, "  %-18s%s\n", buf, commands[i].description);
+    /* A long synopsis gets a line of its own. */
+    if (strlen (buf) >= 18)
+      fprintf (fp, "  %s\n  %-18s%s\n", buf, "", commands[i].description);
+    else
+      fprintf (fp, "  %-18s%s\n", buf, commands[i].description);
   }
   fprintf (fp,
 "\n"

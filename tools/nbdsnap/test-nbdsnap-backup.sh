@@ -12,85 +12,31 @@
 # Set VG to a command prefix (e.g. "valgrind -q --error-exitcode=99
 # --leak-check=full --log-file=/tmp/vg.%p") to run nbdsnap under it.
 
+source "$abs_top_builddir/tests/functions.sh"
 set -e
 set -x
 
-export LC_ALL=C
-unset NBDSNAP_CONTROL
+requires nbdsh --version
+requires nbdinfo --version
+requires nbdcopy --version
 
-for cmd in nbdkit nbdsh nbdinfo nbdcopy; do
-    if ! command -v $cmd >/dev/null; then
-        echo "$0: SKIP: $cmd is required"
-        exit 77
-    fi
-done
-
-tmp="$(mktemp -d /tmp/test-nbdsnap-backup.XXXXXX)"
-pidfiles=()
-cleanup ()
-{
-    local p
-    for p in "${pidfiles[@]}"; do
-        if [ -s "$p" ]; then kill "$(cat "$p")" 2>/dev/null || :; fi
-    done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-# The nbdsnap under test (first in PATH, from the build directory),
-# wrapped so that $VG applies everywhere.  nbdsh needs Debian's
-# python3, so /usr/bin comes next.
-nbdsnap_bin="$(command -v nbdsnap)" || {
-    echo "$0: nbdsnap is not in \$PATH" >&2
-    exit 1
-}
-mkdir "$tmp/bin"
-cat > "$tmp/bin/nbdsnap" <<EOF
+# $VG runs nbdsnap under it everywhere.
+if [ -n "${VG-}" ]; then
+    cat > $tmp/nbdsnap-vg <<EOF
 #!/bin/sh
-exec ${VG:-} "$nbdsnap_bin" "\$@"
+exec $VG "$NBDSNAP" "\$@"
 EOF
-chmod +x "$tmp/bin/nbdsnap"
-export PATH="$tmp/bin:/usr/bin:$PATH"
-py=/usr/bin/python3
+    chmod +x $tmp/nbdsnap-vg
+    NBDSNAP=$tmp/nbdsnap-vg
+fi
+py=python3
 
-out="$tmp/stdout"
-err="$tmp/stderr"
-
-# expect CODE COMMAND...: run COMMAND, fail unless it exits with CODE.
-expect ()
+# serve NAME ARGS...: nbdkit ARGS on $tmp/NAME.sock until the end.
+serve ()
 {
-    local want="$1" rc=0
+    local name="$1"
     shift
-    "$@" >"$out" 2>"$err" || rc=$?
-    if [ "$rc" -ne "$want" ]; then
-        echo "$0: '$*' exited with $rc, wanted $want" >&2
-        cat "$out" "$err" >&2
-        exit 1
-    fi
-}
-
-# The exact line on stderr, and nothing on stdout.
-expect_error_line ()
-{
-    grep -Fx -- "$1" "$err"
-    test ! -s "$out"
-}
-
-# start_nbdkit NAME ARGS...: serve on $tmp/NAME.sock until the end.
-start_nbdkit ()
-{
-    local name="$1" i
-    shift
-    pidfiles+=("$tmp/$name.pid")
-    nbdkit -U "$tmp/$name.sock" -P "$tmp/$name.pid" "$@"
-    for i in $(seq 100); do
-        if [ -s "$tmp/$name.pid" ] && [ -S "$tmp/$name.sock" ]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "$0: nbdkit $name did not start" >&2
-    exit 1
+    start_nbdkit -P "$tmp/$name.pid" -U "$tmp/$name.sock" "$@"
 }
 
 # json_get FILE KEY: a member of the JSON object in FILE.
@@ -106,43 +52,43 @@ sha () { sha256sum "$1" | cut -d' ' -f1; }
 #----------------------------------------------------------------------
 # Usage errors (no server needed).
 
-expect 1 nbdsnap backup 'nbd+unix:///?socket=/x'
+expect_exit 1 nbdsnap backup 'nbd+unix:///?socket=/x'
 grep -Fx 'nbdsnap: backup: missing --to FILE|DIR' "$err"
 grep -F 'Usage: nbdsnap [--json] backup URI --to FILE' "$err"
 test ! -s "$out"
 
-expect 1 nbdsnap backup --to "$tmp/f"
+expect_exit 1 nbdsnap backup --to "$tmp/f"
 grep -Fx 'nbdsnap: backup: missing URI' "$err"
 test ! -s "$out"
 
-expect 1 nbdsnap backup a b --to "$tmp/f"
+expect_exit 1 nbdsnap backup a b --to "$tmp/f"
 grep -Fx "nbdsnap: backup: unexpected operand 'b'" "$err"
 test ! -s "$out"
 
 for opt in --to=x --since=s1 --requests=2; do
-    expect 1 nbdsnap -c "$tmp/x.sock" list $opt
+    expect_exit 1 nbdsnap -c "$tmp/x.sock" list $opt
     expect_error_line "nbdsnap: list: ${opt%%=*} is an option of backup only"
 done
 for opt in --progress --progress=2; do
-    expect 1 nbdsnap -c "$tmp/x.sock" list $opt
+    expect_exit 1 nbdsnap -c "$tmp/x.sock" list $opt
     expect_error_line "nbdsnap: list: --progress is an option of backup, wait, and delete or revert with --wait"
 done
 
 for n in 0 65 -1 x 1x ''; do
-    expect 1 nbdsnap backup u --to "$tmp/f" --requests="$n"
+    expect_exit 1 nbdsnap backup u --to "$tmp/f" --requests="$n"
     expect_error_line \
         "nbdsnap: --requests: invalid value '$n' (expected a number from 1 to 64)"
 done
-expect 1 nbdsnap backup u --to "$tmp/f" --progress=x
+expect_exit 1 nbdsnap backup u --to "$tmp/f" --progress=x
 expect_error_line \
     "nbdsnap: --progress: invalid value 'x' (expected a number from 0 to 2147483647)"
 
 # A bad checkpoint name is refused before anything else.
-expect 1 nbdsnap backup 'nbd+unix:///?socket=/nonexistent' --since .x \
+expect_exit 1 nbdsnap backup 'nbd+unix:///?socket=/nonexistent' --since .x \
        --to "$tmp/f"
 expect_error_line \
     "nbdsnap: backup: invalid name '.x': name must not start with '.' or '-'"
-expect 1 nbdsnap backup 'nbd+unix:///?socket=/nonexistent' --since a/b \
+expect_exit 1 nbdsnap backup 'nbd+unix:///?socket=/nonexistent' --since a/b \
        --to "$tmp/f"
 expect_error_line \
     "nbdsnap: backup: invalid name 'a/b': name may contain only letters, digits, '.', '_' and '-'"
@@ -150,32 +96,32 @@ expect_error_line \
 # --since needs an export '' or snap/NAME in an NBD URI.
 for e in foo snap/ snap/a/b dirty/a 'snap/.x' '%2Fx'; do
     u="nbd+unix:///$e?socket=/nonexistent"
-    expect 1 nbdsnap backup "$u" --since s1 --to "$tmp/f"
+    expect_exit 1 nbdsnap backup "$u" --since s1 --to "$tmp/f"
     ename="$($py -c 'import sys, urllib.parse
 print (urllib.parse.unquote (sys.argv[1]))' "$e")"
     expect_error_line "nbdsnap: backup: $u: --since needs the live volume (export '') or a snapshot (export 'snap/NAME'), not export '$ename'"
 done
-expect 1 nbdsnap backup 'nbd+unix:///snap/%zz?socket=/x' --since s1 \
+expect_exit 1 nbdsnap backup 'nbd+unix:///snap/%zz?socket=/x' --since s1 \
        --to "$tmp/f"
 expect_error_line \
     "nbdsnap: backup: nbd+unix:///snap/%zz?socket=/x: invalid %-escape in the export name"
-expect 1 nbdsnap backup 'not-a-uri' --since s1 --to "$tmp/f"
+expect_exit 1 nbdsnap backup 'not-a-uri' --since s1 --to "$tmp/f"
 expect_error_line "nbdsnap: backup: not-a-uri: not an NBD URI"
 
 # Bad URIs and servers that are not there: nothing is created.
-expect 1 nbdsnap backup 'foo://x' --to "$tmp/f"
+expect_exit 1 nbdsnap backup 'foo://x' --to "$tmp/f"
 grep -E '^nbdsnap: backup: foo://x: connect: .+$' "$err"
 test ! -s "$out"
-expect 1 nbdsnap backup "nbd+unix:///?socket=$tmp/none.sock" --to "$tmp/f"
+expect_exit 1 nbdsnap backup "nbd+unix:///?socket=$tmp/none.sock" --to "$tmp/f"
 grep -E "^nbdsnap: backup: nbd\+unix:///\?socket=$tmp/none.sock: connect: .*No such file or directory\$" "$err"
 test "$(wc -l < "$err")" -eq 1
 test ! -s "$out"
 test ! -e "$tmp/f"
 
 # --progress=FD must name a descriptor open for writing.
-expect 1 nbdsnap backup 'nbd+unix:///?socket=/x' --to "$tmp/f" --progress=9
+expect_exit 1 nbdsnap backup 'nbd+unix:///?socket=/x' --to "$tmp/f" --progress=9
 expect_error_line "nbdsnap: --progress=9: Bad file descriptor"
-expect 1 nbdsnap backup 'nbd+unix:///?socket=/x' --to "$tmp/f" \
+expect_exit 1 nbdsnap backup 'nbd+unix:///?socket=/x' --to "$tmp/f" \
        --progress=3 3</dev/null
 expect_error_line "nbdsnap: --progress=3: not open for writing"
 test ! -e "$tmp/f"
@@ -184,7 +130,7 @@ test ! -e "$tmp/f"
 # Full backup: data with holes, a 5.9 MB extent (split into 4 MiB
 # reads), and zeros inside data extents.
 
-start_nbdkit full data size=64M \
+serve full data size=64M \
   '@65536 0x11*100000 @5242880 (0x41 0x42 0x43 0x44 0x45 0x46 0x47)*900000
    @41943040 "end"'
 uri="nbd+unix:///?socket=$tmp/full.sock"
@@ -192,13 +138,13 @@ nbdcopy "$uri" "$tmp/full.ref"
 
 # A connection failure leaves an existing FILE alone.
 echo precious > "$tmp/full.img"
-expect 1 nbdsnap backup "nbd+unix:///?socket=$tmp/none.sock" \
+expect_exit 1 nbdsnap backup "nbd+unix:///?socket=$tmp/none.sock" \
        --to "$tmp/full.img"
 test "$(cat "$tmp/full.img")" = precious
 
 # FILE exists and is larger, with other contents: it is truncated.
 head -c 70M /dev/urandom > "$tmp/full.img"
-expect 0 nbdsnap backup "$uri" --to "$tmp/full.img"
+expect_exit 0 nbdsnap backup "$uri" --to "$tmp/full.img"
 test ! -s "$err"                # no bar: not a terminal
 test "$(stat -c %s "$tmp/full.img")" -eq 67108864
 test "$(sha "$tmp/full.img")" = "$(sha "$tmp/full.ref")"
@@ -211,7 +157,7 @@ test "$(du -k "$tmp/full.img" | cut -f1)" -lt 16384
 
 # --json, --requests 1, and --progress=FD.
 rm "$tmp/full.img"
-expect 0 nbdsnap --json backup "$uri" --to "$tmp/full.img" --requests 1 \
+expect_exit 0 nbdsnap --json backup "$uri" --to "$tmp/full.img" --requests 1 \
        --progress=3 3>"$tmp/progress"
 test "$(sha "$tmp/full.img")" = "$(sha "$tmp/full.ref")"
 test "$(json_get "$out" bytes_copied)" -eq "$data_bytes"
@@ -234,20 +180,20 @@ assert n[-1] == 100 and n.count (100) == 1 and len (n) >= 3, n
 EOF
 
 # --progress: the bar on stderr even when it is not a terminal.
-expect 0 nbdsnap backup "$uri" --to "$tmp/full.img" --progress
+expect_exit 0 nbdsnap backup "$uri" --to "$tmp/full.img" --progress
 grep -F '] 100%' "$err"
 test "$(tail -c 1 "$err" | od -An -c | tr -d ' ')" = '\n'
 test "$(sha "$tmp/full.img")" = "$(sha "$tmp/full.ref")"
 
 # A file that cannot be written.
-expect 1 nbdsnap backup "$uri" --to "$tmp/no/such/dir/f"
+expect_exit 1 nbdsnap backup "$uri" --to "$tmp/no/such/dir/f"
 expect_error_line \
     "nbdsnap: backup: $tmp/no/such/dir/f: No such file or directory"
 
 # Block status fails.
-start_nbdkit bserr --filter=error data size=1M '1*4096' \
+serve bserr --filter=error data size=1M '1*4096' \
              error-extents=EIO error-extents-rate=100%
-expect 1 nbdsnap backup "nbd+unix:///?socket=$tmp/bserr.sock" \
+expect_exit 1 nbdsnap backup "nbd+unix:///?socket=$tmp/bserr.sock" \
        --to "$tmp/bserr.img"
 grep -E "^nbdsnap: backup: nbd\+unix:///\?socket=$tmp/bserr.sock: block status at offset 0: .*Input/output error\$" "$err"
 grep -Fx "nbdsnap: backup: $tmp/bserr.img: the backup is incomplete and must not be used (0 bytes copied before the failure)" "$err"
@@ -256,9 +202,9 @@ test ! -s "$out"
 # Reads fail at random while many are in flight: the first failure is
 # reported, and nbdsnap waits for the other replies before it
 # disconnects (nbdkit 1.32 can abort when a client closes mid-reply).
-start_nbdkit rderr --filter=error data size=64M '(1 2 3)*22369621' \
+serve rderr --filter=error data size=64M '(1 2 3)*22369621' \
              error-pread=EIO error-pread-rate=50%
-expect 1 nbdsnap backup "nbd+unix:///?socket=$tmp/rderr.sock" \
+expect_exit 1 nbdsnap backup "nbd+unix:///?socket=$tmp/rderr.sock" \
        --to "$tmp/rderr.img"
 grep -E "^nbdsnap: backup: nbd\+unix:///\?socket=$tmp/rderr.sock: read of 4194304 bytes at offset [0-9]+: Input/output error\$" "$err"
 grep -E "^nbdsnap: backup: $tmp/rderr.img: the backup is incomplete and must not be used \([0-9]+ bytes copied before the failure\)\$" "$err"
@@ -270,7 +216,7 @@ nbdinfo --size "nbd+unix:///?socket=$tmp/rderr.sock" | grep -Fx 67108864
 # Full backup over 3 GiB: block status takes several 1 GiB calls, and
 # one data block straddles the 1 GiB boundary.
 
-start_nbdkit big memory 3G
+serve big memory 3G
 big="nbd+unix:///?socket=$tmp/big.sock"
 offsets="0 1073709056 2684354560 3221159936"
 nbdsh -u "$big" -c "
@@ -278,7 +224,7 @@ for off in [${offsets// /, }]:
     h.pwrite ((b'%016x' % off) * 4096, off)
 "
 head -c 1M /dev/urandom > "$tmp/big.img"
-expect 0 nbdsnap --json backup "$big" --to "$tmp/big.img"
+expect_exit 0 nbdsnap --json backup "$big" --to "$tmp/big.img"
 test "$(json_get "$out" extents)" -eq 4
 test "$(json_get "$out" bytes_copied)" -eq $((4 * 65536))
 $py - "$tmp/big.img" $offsets <<'EOF'
@@ -317,7 +263,7 @@ open (sys.argv[1], "wb").write (data)
 open (sys.argv[2], "w").write (
     "".join ("hole,zero\n" if k == "Z" else "0\n" for k in kinds))
 EOF
-start_nbdkit eval eval \
+serve eval eval \
   get_size='stat -c %s "$src"' \
   pread='if [ -s "$failpast" ] && [ $4 -ge $(cat "$failpast") ]; then
            echo "EIO injected" >&2; exit 1; fi
@@ -326,7 +272,7 @@ start_nbdkit eval eval \
            if [ $len -gt $3 ]; then len=$3; fi
            echo $4 $len $(sed -n "$((b + 1))p" "$types")'
 ev="nbd+unix:///?socket=$tmp/eval.sock"
-expect 0 nbdsnap --json backup "$ev" --to "$tmp/eval.img" --requests 3
+expect_exit 0 nbdsnap --json backup "$ev" --to "$tmp/eval.img" --requests 3
 cmp "$tmp/eval.img" "$src"
 # Runs of D/H blocks: D, DD, DHD in each half.
 test "$(json_get "$out" extents)" -eq 6
@@ -335,7 +281,7 @@ test "$(json_get "$out" bytes_copied)" -eq $((12 * 65536))
 # Reads fail from block 6 on: the first blocks were copied, and the
 # failure says the file is incomplete.
 echo $((6 * 65536)) > "$failpast"
-expect 1 nbdsnap backup "$ev" --to "$tmp/eval.img" --requests 1
+expect_exit 1 nbdsnap backup "$ev" --to "$tmp/eval.img" --requests 1
 grep -E "^nbdsnap: backup: nbd\+unix:///\?socket=$tmp/eval.sock: read of 65536 bytes at offset 393216: Input/output error\$" "$err"
 grep -Fx "nbdsnap: backup: $tmp/eval.img: the backup is incomplete and must not be used ($((3 * 65536)) bytes copied before the failure)" "$err"
 test ! -s "$out"
@@ -344,7 +290,7 @@ test ! -s "$out"
 # failure were applied: the message says so.
 head -c $((20 * 65536)) /dev/urandom > "$tmp/prev.img"
 cp "$tmp/prev.img" "$tmp/eval.img"
-expect 1 nbdsnap backup "$ev" --since a --to "$tmp/eval.img" --requests 1
+expect_exit 1 nbdsnap backup "$ev" --since a --to "$tmp/eval.img" --requests 1
 grep -Fx "nbdsnap: backup: $tmp/eval.img: the incremental backup was only partly applied ($((3 * 65536)) bytes): the file is neither the previous backup nor the new one; run the same command again to complete it" "$err"
 test ! -s "$out"
 $py - "$tmp/eval.img" "$tmp/prev.img" "$src" <<'EOF'
@@ -361,7 +307,7 @@ EOF
 # A failure at the first read changes nothing.
 echo 0 > "$failpast"
 cp "$tmp/prev.img" "$tmp/eval.img"
-expect 1 nbdsnap backup "$ev" --since a --to "$tmp/eval.img"
+expect_exit 1 nbdsnap backup "$ev" --since a --to "$tmp/eval.img"
 grep -Fx "nbdsnap: backup: $tmp/eval.img: unchanged, still the previous backup" "$err"
 cmp "$tmp/eval.img" "$tmp/prev.img"
 rm "$failpast"
@@ -385,7 +331,7 @@ cat > "$tmp/dirty.map" <<'EOF'
 1048576 5242880
 7340132 4900
 EOF
-start_nbdkit dirty -r --filter=exportname --filter=extentlist data size=8M \
+START_EXPORT=dirty/s1 serve dirty -r --filter=exportname --filter=extentlist data size=8M \
   '@65536 0x11*131072 @393216 0x33*65536 @655360 0x55*65536
    @1048576 (0x61 0x62 0x63 0x64 0x65 0x66 0x67)*749000
    @7340132 "tail!"*980' \
@@ -409,7 +355,7 @@ changed=$((131072 + 65536 + 65536 + 65536 + 5242880 + 4900))
 
 # The exportname filter accepts no other name: a full backup of
 # snap/s2 itself is refused, which proves the filter works.
-expect 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" \
+expect_exit 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" \
        --to "$tmp/x.img"
 grep -E "^nbdsnap: backup: nbd\+unix:///snap/s2\?socket=$sock: connect: .*no export named 'snap/s2'" "$err"
 
@@ -420,7 +366,7 @@ exports=(dirty/s1/s2 dirty/s1/s2 dirty/s1 dirty/s1)
 for i in 0 1 2 3; do
     path="${paths[i]}" to="${exports[i]}"
     cp "$tmp/prev.img" "$tmp/inc.img"
-    expect 0 nbdsnap --json backup "nbd+unix://$path?socket=$sock" \
+    expect_exit 0 nbdsnap --json backup "nbd+unix://$path?socket=$sock" \
            --since s1 --to "$tmp/inc.img"
     test "$(json_get "$out" export)" = "$to"
     test "$(json_get "$out" since)" = s1
@@ -432,7 +378,7 @@ done
 
 # Human output, one read at a time, and progress.
 cp "$tmp/prev.img" "$tmp/inc.img"
-expect 0 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s1 \
+expect_exit 0 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s1 \
        --to "$tmp/inc.img" --requests 1 --progress=3 3>"$tmp/progress"
 grep -Fx "copied $changed bytes (5.3 MiB) in 6 extents of 8388608 (8.0 MiB) since s1" "$out"
 test ! -s "$err"
@@ -441,12 +387,12 @@ cmp "$tmp/inc.img" "$tmp/expected.img"
 
 # The previous backup must exist and have the export's size; then it
 # is left alone.
-expect 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s1 \
+expect_exit 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s1 \
        --to "$tmp/missing.img"
 expect_error_line "nbdsnap: backup: $tmp/missing.img: No such file or directory"
 test ! -e "$tmp/missing.img"
 head -c 4M "$tmp/prev.img" > "$tmp/short.img"
-expect 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s1 \
+expect_exit 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s1 \
        --to "$tmp/short.img"
 expect_error_line "nbdsnap: backup: $tmp/short.img: size 4194304, expected 8388608 (the previous backup of this volume)"
 test "$(wc -l < "$err")" -eq 1
@@ -454,7 +400,7 @@ cmp "$tmp/short.img" <(head -c 4M "$tmp/prev.img")
 
 # An unknown checkpoint: the server has no such dirty export.
 cp "$tmp/prev.img" "$tmp/inc.img"
-expect 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s0 \
+expect_exit 1 nbdsnap backup "nbd+unix:///snap/s2?socket=$sock" --since s0 \
        --to "$tmp/inc.img"
 grep -E "^nbdsnap: backup: nbd\+unix:///dirty/s0/s2\?socket=$sock: connect: .*no export named 'dirty/s0/s2'" "$err"
 test ! -s "$out"
