@@ -24,9 +24,9 @@
 # After every job, every block where the live volume differs from a
 # snapshot is marked in its dirty/ map.  At the end, after a clean
 # restart, every view reads the same, and the origin file (a second
-# reader) holds the live volume.  Jobs are slowed with
-# -D snapshot.job_delay so that each is still running when it is
-# checked; this is checked too.
+# reader) holds the live volume.  Jobs are held with
+# -D snapshot.job_hold=1 (functions.sh.in) so that each is still
+# running, at a known point, when it is checked.
 
 SNAPSHOT_MODE=cbw
 source ./functions.sh
@@ -45,11 +45,9 @@ bs=65536
 REF=$tmp/ref.img
 export REF
 
-# start [DELAY]: DELAY microseconds per MiB a job copies (default
-# 150 ms: a move of 6 MiB takes 2 s or so).
 start ()
 {
-    start_store -D snapshot.job_delay=${1:-150000}
+    start_store -D snapshot.job_hold=1
 }
 
 # scribble SEED OFFSET LENGTH: LENGTH bytes of fresh data at OFFSET
@@ -147,11 +145,11 @@ EOF
 # with_client SEED NBDSNAP-ARGS...: start the job NBDSNAP-ARGS (its
 # reply in $tmp/reply.json, its id in $job), then a client
 # (model_client) from the live volume as it then reads, saved as
-# $tmp/start-SEED.img.  Unless the job has nothing to copy, it must
-# still be running once the client has started.  Calls during_job
-# (defined by the caller) while both run, then waits for both: the job
-# is done with bytes_done == bytes_total, and the live volume is the
-# client's model, which becomes $REF.
+# $tmp/start-SEED.img.  Once the client has started, the job goes half
+# way and parks there, and during_job (defined by the caller) is
+# called; then the job goes to its end, and both are waited for: the
+# job is done with bytes_done == bytes_total, and the live volume is
+# the client's model, which becomes $REF.
 with_client ()
 {
     local seed=$1 client
@@ -171,11 +169,11 @@ with_client ()
     wait_for test -e $tmp/ready
     echo go > $tmp/go
     wait_for test -e $tmp/started
-    if [ "$(jq .job.bytes_total $tmp/reply.json)" -gt 0 ]; then
-        [ "$(job_field $job state)" = running ] ||
-            fail "job $job ended before the client started: raise job_delay"
-    fi
+    half=$(( $(min_steps $job) / 2 ))
+    job_release $job $half
+    wait_held $job $half
     during_job
+    job_release $job
     nbdsnap -c $store wait $job
     [ "$(job_field $job state)" = done ] || fail "job $job: $(job_field $job error)"
     [ "$(job_field $job bytes_done)" = "$(job_field $job bytes_total)" ]
@@ -229,8 +227,10 @@ expect_refused "snapshot 's3' already has a job running (job $job, delete)" \
                delete s3
 expect_refused "job $job (delete s3) is running: one job at a time" delete s2
 expect_refused "job $job (delete s3) is running: one job at a time" revert s2
-[ "$(job_field $job state)" = running ] ||
-    fail "job $job ended before it was cancelled: raise job_delay"
+# Cancelled half way.
+half=$(( $(min_steps $job) / 2 ))
+job_release $job $half
+wait_held $job $half
 nbdsnap -c $store cancel $job
 expect_refused "nbdsnap: wait: job $job cancelled" wait $job
 [ "$(job_field $job state)" = cancelled ]
@@ -274,9 +274,8 @@ dirty_covers s2 s4 s5
 
 # ---- 4. A revert while a client works ----
 
-# Most of the volume changed since s4 by now: 100 ms per MiB will do.
 stop_nbdkit $nbdkit_pid
-start 100000
+start
 verify s2 s4 s5
 
 # The live volume is s4 as soon as the reply comes (the client starts
@@ -319,15 +318,19 @@ wait_for test -e $tmp/ready
 echo go > $tmp/go
 wait $client || fail "the client failed (see above)"
 cp $tmp/model-5.img $REF
-done_before=$(job_field $job bytes_done)
-[ "$(job_field $job state)" = running ] ||
-    fail "job $job ended before the kill: raise job_delay"
-echo "kill -9 with $done_before of $(job_field $job bytes_total) bytes done"
+# Killed half way.
+half=$(( $(min_steps $job) / 2 ))
+job_release $job $half
+wait_held $job $half
+echo "kill -9 with $(job_field $job bytes_done) of" \
+     "$(job_field $job bytes_total) bytes done"
 stop_nbdkit $nbdkit_pid KILL
 grep -q '^job ' $store/manifest || fail "the revert is not in the journal"
-start 100000
-# At once, and after the resumed job ends.
+start
+# At once (the resumed job held), and after the resumed job ends.
+wait_held $job 0
 verify s2 s4 s5
+job_release $job
 nbdsnap -c $store wait
 nbdsnap -c $store --json jobs > $tmp/jobs.json
 cat $tmp/jobs.json

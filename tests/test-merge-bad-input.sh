@@ -27,12 +27,12 @@ store=$tmp/store
 sock=$tmp/nbd.sock
 bs=65536
 
-# Jobs are slowed down (100 ms per MiB copied, 3.2 s for the volume) so
-# that they are still running while other requests are refused.
+# Jobs are held (-D snapshot.job_hold=1: functions.sh.in) so that they
+# are still running while other requests are refused, until the test
+# releases them.
 start ()
 {
-    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_delay=100000 \
-                 "$@"
+    start_nbdkit -P $tmp/nbdkit.pid -U $sock -D snapshot.job_hold=1 "$@"
 }
 
 # expect_error [-c STORE] MESSAGE NBDSNAP-ARGS...: exit status 1,
@@ -205,7 +205,12 @@ expect_error "$other" delete s3 --strategy=commit
 expect_error "$other" revert s2
 expect_error "$other" delete b1
 [ "$(job_state $job)" = running ] ||
-    fail "job $job ended before the checks were done (raise job_delay)"
+    fail "job $job ended before the checks were done"
+# Half way, the same.
+job_release $job 4
+wait_held $job 4
+expect_error "$running" delete s1
+expect_error "$other" delete s2
 # Cancelled, it leaves everything as it was.
 nbdsnap -c $store cancel $job
 expect_error "nbdsnap: wait: job $job cancelled" wait $job
@@ -249,7 +254,8 @@ expect_error "job $job is a revert, which cannot stop half way" cancel $job
 expect_error "a revert to 's3' is in progress" create s9
 expect_error "job $job (revert s3) is running: one job at a time" delete s2
 [ "$(job_state $job)" = running ] ||
-    fail "job $job ended before the checks were done (raise job_delay)"
+    fail "job $job ended before the checks were done"
+job_release $job
 nbdsnap -c $store wait $job
 [ "$(job_state $job)" = done ]
 cp $tmp/s3.img $tmp/live.img
@@ -270,11 +276,12 @@ job=$(jq .job.id $tmp/reply.json)
 expect_error "job $job commits 's1' into the origin below, which cannot stop half way" \
     cancel $job
 [ "$(job_state $job)" = running ] ||
-    fail "job $job ended before the checks were done (raise job_delay)"
+    fail "job $job ended before the checks were done"
 # The control socket's "wait": a short one returns with the job still
-# running; bad ones are refused; a long one returns when the job ends,
-# and a request sent behind it on the same connection is answered
-# after it.
+# running (held); bad ones are refused; a long one returns when the job
+# ends (released from another connection), and a request sent behind it
+# on the same connection is answered after it.
+# So is job-release: steps must be a count.
 python3 - $store/control.sock $job <<'EOF'
 import json, socket, sys
 path, job = sys.argv[1], int(sys.argv[2])
@@ -296,7 +303,28 @@ for bad, msg in [({"timeout_ms": -1}, '"timeout_ms" must be 0 to 60000'),
     req.update(bad)
     [r] = ask(req)
     assert not r["ok"] and msg in r["error"], (bad, r)
-w, j = ask({"cmd": "wait", "job": job, "timeout_ms": 60000}, {"cmd": "jobs"})
+for bad, msg in [({"steps": -1}, '"steps" must be 0 or more'),
+                 ({"steps": "all"}, '"steps" must be 0 or more'),
+                 ({"job": 999999}, "no running job 999999")]:
+    req = {"cmd": "job-release", "job": job}
+    req.update(bad)
+    [r] = ask(req)
+    assert not r["ok"] and msg in r["error"], (bad, r)
+[r] = ask({"cmd": "jobs"})
+assert [x["held"] for x in r["jobs"] if x["id"] == job] == [True], r
+for req in ({"cmd": "wait", "job": job, "timeout_ms": 60000}, {"cmd": "jobs"}):
+    f.write(json.dumps(req) + "\n")
+f.flush()
+# Released from another connection: whether the long wait came in
+# before the job ended or after, its reply says done.
+s2 = socket.socket(socket.AF_UNIX)
+s2.connect(path)
+f2 = s2.makefile("rw")
+f2.write(json.dumps({"cmd": "job-release", "job": job}) + "\n")
+f2.flush()
+r = json.loads(f2.readline())
+assert r["ok"], r
+w, j = [json.loads(f.readline()) for _ in range(2)]
 assert w["ok"] and w["job"]["state"] == "done", w
 assert w["job"]["bytes_done"] == w["job"]["bytes_total"], w
 assert [x["state"] for x in j["jobs"] if x["id"] == job] == ["done"], j
@@ -325,6 +353,7 @@ ro_check ()
            .job.commit_bytes < .job.stream_bytes' $tmp/reply.json ||
         fail "$st: delete s1 $* (auto) did not fall back to stream"
     job=$(jq .job.id $tmp/reply.json)
+    store=$st job_release $job
     nbdsnap -c $st wait $job
     [ "$(export_md5 $sock)" = "$(md5 $tmp/ro-live.img)" ] ||
         fail "$st: the live volume changed"
@@ -378,8 +407,9 @@ cleanup_fn kill $late
 wait_for eval "test -e $tmp/ready-late || ! kill -0 $late 2>/dev/null"
 if [ -e $tmp/ready-late ]; then
     [ "$(job_state $job)" = running ] ||
-        fail "job $job ended before snap/s2 was read (raise job_delay)"
+        fail "job $job ended before snap/s2 was read"
 fi
+job_release $job
 nbdsnap -c $store wait $job
 if kill -0 $late 2>/dev/null; then echo go > $tmp/go-late; fi
 wait $late || true

@@ -2,8 +2,9 @@
 # nbdkit-snapshot
 # Guarantee 4: a merge or revert interrupted by kill -9 leaves every
 # view intact and finishes on restart.  Five rounds on one store, each
-# killing the server at a random point of its job (the point is
-# printed; -D snapshot.job_delay slows jobs so the kill lands inside):
+# killing the server at a random point inside its job (the point is
+# printed; -D snapshot.job_hold=1 holds jobs, functions.sh.in, so the
+# kill always lands inside, never after the end):
 #   1. commit of the oldest snapshot into the origin;
 #   2. stream of a middle snapshot (two layers merge);
 #   3. revert to a snapshot;
@@ -29,7 +30,7 @@ sock=$tmp/nbd.sock
 
 start ()
 {
-    start_store -D snapshot.job_delay=30000
+    start_store -D snapshot.job_hold=1
 }
 
 # Random 64K writes over a fifth of the volume, seeded.
@@ -51,38 +52,37 @@ verify ()
     verify_views $sock $tmp/live.img "$@"
 }
 
-done_at_least ()
-{
-    [ "$(last_job_field state)" != running ] ||
-        [ "$(last_job_field bytes_done)" -ge "$1" ]
-}
-
 # crash_round SEED NBDSNAP-ARGS...: start the job, kill -9 at a random
-# point, restart, check, let the resumed job finish, check again.
+# point inside it (parked after n of its steps, or during the next one
+# or parked after that: n is random, the rest is up to the machine),
+# restart, check while the resumed job is held, let it finish, check
+# again.
 crash_round ()
 {
-    local seed=$1 total pct
+    local seed=$1 id steps n
     shift
     nbdsnap -c $store "$@"
-    total=$(last_job_field bytes_total)
-    pct=$(( 10 + seed % 80 ))
-    echo "kill -9 once $pct% of $total bytes are done: $*"
-    wait_for done_at_least $(( total * pct / 100 ))
-    stop_nbdkit $nbdkit_pid KILL
-    # The journal names the job unless the kill came after it ended.
-    had_job=0
-    if grep -q '^job ' $store/manifest; then had_job=1; fi
-    start
-    verify "${remaining[@]}"
-    # The job resumes and finishes.
-    if [ $had_job = 1 ]; then
-        nbdsnap -c $store wait
-        nbdsnap -c $store --json jobs > $tmp/jobs.json
-        jq -e '.jobs[-1].state == "done" and .jobs[-1].resumed' $tmp/jobs.json ||
-            fail "the job did not finish after the restart"
-    else
-        echo "note: the job had ended before the kill"
+    id=$(last_job_field id)
+    steps=$(min_steps $id)
+    n=$(( steps > 0 ? seed % steps : 0 ))
+    echo "kill -9 after $n of at least $steps steps of 1 MiB: $*"
+    job_release $id $n
+    wait_held $id $n
+    if [ $(( n + 1 )) -lt $steps ]; then
+        job_release $id 1
     fi
+    stop_nbdkit $nbdkit_pid KILL
+    grep -q '^job ' $store/manifest || fail "the journal lost job $id"
+    start
+    # The job resumes (held before its first step), then finishes.
+    wait_held $id 0
+    [ "$(last_job_field resumed)" = true ] || fail "job $id did not resume"
+    verify "${remaining[@]}"
+    job_release $id
+    nbdsnap -c $store wait
+    nbdsnap -c $store --json jobs > $tmp/jobs.json
+    jq -e '.jobs[-1].state == "done" and .jobs[-1].resumed' $tmp/jobs.json ||
+        fail "the job did not finish after the restart"
     verify "${remaining[@]}"
 }
 

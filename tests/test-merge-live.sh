@@ -12,10 +12,11 @@
 #   2. delete s2 by stream: the origin's pages go up into the layer the
 #      client is writing; a snapshot s3 taken meanwhile must not
 #      change either.
-# The jobs are slowed with -D snapshot.job_delay (40 ms per MiB copied:
-# about 2 s for each), so that each is still running when the
-# client starts; this is checked.  While each runs, its progress never
-# goes backwards or past its total.  A restart at the end: the same.
+# The jobs are held (-D snapshot.job_hold=1: functions.sh.in) until the
+# client has started, then let go half way, where the views are
+# checked, while the client goes on; then they run to the end.  While
+# each runs, its progress never goes backwards or past its total.  A
+# restart at the end: the same.
 
 source ./functions.sh
 set -e
@@ -31,7 +32,7 @@ sock=$tmp/nbd.sock
 
 start ()
 {
-    start_store -D snapshot.job_delay=40000
+    start_store -D snapshot.job_hold=1
 }
 
 # The client is model_client (functions.sh.in).
@@ -62,8 +63,8 @@ progress_ok ()
 
 # run_with_client SEED NBDSNAP-DELETE-ARGS...: start the client (it
 # loads its model and waits), start the job, check it is running, let
-# the client go; then wait for both.  While they run, call during_job
-# (defined by the caller).  Afterwards the live volume is the client's
+# the client go, and the job half way; there, call during_job (defined
+# by the caller); then let the job go and wait for both.  Afterwards the live volume is the client's
 # model, in $REF.
 run_with_client ()
 {
@@ -84,17 +85,16 @@ run_with_client ()
     cat $tmp/reply.json
     job=$(jq .job.id $tmp/reply.json)
     state=$(job_field state)
-    [ "$state" = running ] ||
-        fail "job $job was $state before the client started:" \
-             "the volume must be bigger (or job_delay longer)"
+    [ "$state" = running ] || fail "job $job was $state before the client started"
     echo go > $tmp/go
     wait_for test -e $tmp/started
-    state=$(job_field state)
-    [ "$state" = running ] ||
-        fail "job $job was $state once the client had started:" \
-             "the volume must be bigger (or job_delay longer)"
+    half=$(( $(min_steps $job) / 2 ))
+    job_release $job $half
+    wait_held $job $half
     during_job
     last_done=0
+    progress_ok || :
+    job_release $job
     wait_for progress_ok
     [ "$(job_field state)" = done ] || fail "job $job: $(job_field error)"
     [ "$(job_field bytes_done)" = "$(job_field bytes_total)" ]

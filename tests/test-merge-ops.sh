@@ -301,10 +301,10 @@ scribble 6
 verify s2 s5
 check_dirty dirty/s3 3 4 5 6
 
-# Restart, with jobs slowed down (150 ms per MiB copied, up to 2.4 s
-# for the volume) so the revert is still running while it is checked.
+# Restart, with jobs held (-D snapshot.job_hold=1: functions.sh.in) so
+# the revert is still running, half done, while it is checked.
 stop_nbdkit $nbdkit_pid
-start -D snapshot.job_delay=150000
+start -D snapshot.job_hold=1
 verify s2 s5
 [ "$(checkpoints)" = "s2:snapshot s3:bitmap s5:snapshot" ]
 
@@ -316,15 +316,22 @@ cat $tmp/reply.json
     fail "the live volume is not s2 right after the revert"
 jq -e '.job.kind == "revert" and .job.name == "s2"' $tmp/reply.json
 id=$(jq .job.id $tmp/reply.json)
+# Half way through the revert.
+half=$(( $(min_steps $id) / 2 ))
+job_release $id $half
+wait_held $id $half
 nbdsnap -c $store --json jobs > $tmp/jobs.json
 jq -e --argjson id $id '.jobs[] | select(.id == $id) | .state == "running"' \
    $tmp/jobs.json ||
-    fail "the revert ended before it was checked (raise job_delay)"
+    fail "the revert ended before it was checked"
+[ "$(export_md5 $sock)" = "$(md5 $tmp/s2.img)" ] ||
+    fail "the live volume is not s2 half way through the revert"
 [ "$(export_md5 $sock snap/s5)" = "$(md5 $tmp/s5.img)" ] ||
     fail "snap/s5 changed during the revert"
 # A write during the job lands on top of s2.
 cp $tmp/s2.img $REF
 scribble 7
+job_release $id
 nbdsnap -c $store wait $id
 job_done $id
 verify s2 s5

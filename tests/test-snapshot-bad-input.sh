@@ -35,7 +35,7 @@ bad_params ()
            file $origin "$@" 2> $tmp/err &
     pid=$!
     cleanup_fn _stop_nbdkit $pid KILL
-    for (( i = 0; i < 600; i++ )); do
+    for (( i = 0; i < patience; i++ )); do
         kill -0 $pid 2>/dev/null || break
         if nbdinfo --can connect "$(nbd_uri $tmp/bad.sock)" 2>/dev/null
         then

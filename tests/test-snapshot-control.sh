@@ -31,10 +31,10 @@ test -S $store/control.sock
 [ "$(stat -c %a $store/control.sock)" = 600 ]
 
 cat > $tmp/control.py <<'EOF'
-import json, socket, sys, threading
+import json, os, socket, sys, threading
 
 path = sys.argv[1]
-TIMEOUT = 30
+TIMEOUT = 30 * int(os.environ.get("SNAPSHOT_TEST_SLOWDOWN", "1"))
 
 def connect():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -233,9 +233,9 @@ nbdsnap -c $store list | grep -w s1
 NBDSNAP_CONTROL=$tmp/ctl.sock nbdsnap --json create s2 |
     jq -e '.checkpoint.name == "s2"'
 python3 - $tmp/ctl.sock <<'EOF'
-import json, socket, sys
+import json, os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(30)
+s.settimeout(30 * int(os.environ.get("SNAPSHOT_TEST_SLOWDOWN", "1")))
 s.connect(sys.argv[1])
 s.sendall(b"garbage\n")
 r = json.loads(s.makefile("rb").readline())

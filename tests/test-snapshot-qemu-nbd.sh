@@ -147,14 +147,14 @@ cleanup_fn kill_hard $trap_pid
 
 exited=false
 served=false
-for (( i = 0; i < 600; i++ )); do
+for (( i = 0; i < patience; i++ )); do
     if ! kill -0 $trap_pid 2>/dev/null; then
         exited=true
         break
     fi
     if [ -S $tmp/trap.sock ]; then
         status=0
-        timeout 10 nbdinfo --size "$(nbd_uri $tmp/trap.sock)" || status=$?
+        timeout $(( 10 * slowdown )) nbdinfo --size "$(nbd_uri $tmp/trap.sock)" || status=$?
         case $status in
             0) served=true; break ;;
             124)
@@ -179,5 +179,6 @@ elif $served; then
     _stop_nbdkit $trap_pid ||
         fail "nbdkit in the trap served a client but did not stop cleanly"
 else
-    fail "nbdkit in the trap neither exited nor served a client in 60 s"
+    fail "nbdkit in the trap neither exited nor served a client in" \
+         "$(( patience / 10 )) s"
 fi

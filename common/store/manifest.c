@@ -591,9 +591,15 @@ manifest_dup (const struct manifest *src, struct manifest *dst)
     manifest_free (dst);
     return -1;
   }
-  memcpy (dst->layers, src->layers, src->nlayers * sizeof *dst->layers);
-  memcpy (dst->ckpts, src->ckpts, src->nckpts * sizeof *dst->ckpts);
-  memcpy (dst->drops, src->drops, src->ndrops * sizeof *dst->drops);
+  /* An empty list may be NULL, which memcpy must not be given even
+   * for 0 bytes.
+   */
+  if (src->nlayers > 0)
+    memcpy (dst->layers, src->layers, src->nlayers * sizeof *dst->layers);
+  if (src->nckpts > 0)
+    memcpy (dst->ckpts, src->ckpts, src->nckpts * sizeof *dst->ckpts);
+  if (src->ndrops > 0)
+    memcpy (dst->drops, src->drops, src->ndrops * sizeof *dst->drops);
   return 0;
 }
 

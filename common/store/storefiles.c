@@ -152,7 +152,11 @@ store_layer_holes (int fd, const struct sbitmap *map, uint64_t size,
    * whatever the page cache holds.
    */
   while (pos < size) {
-    memset (fm, 0, sizeof *fm);
+    /* All of it, the extents too: the kernel fills them in, but
+     * valgrind (3.19) knows only that it writes the header, and would
+     * take every extent we read for uninitialised memory.
+     */
+    memset (fm, 0, sizeof *fm + FIEMAP_BATCH * sizeof (struct fiemap_extent));
     fm->fm_start = pos;
     fm->fm_length = size - pos;
     fm->fm_flags = FIEMAP_FLAG_SYNC;

@@ -489,6 +489,13 @@ describe_job (struct jw *w, const struct job *j)
   jw_key (w, "paced");
   jw_bool (w, j->state == JOB_STATE_RUNNING &&
            __atomic_load_n (&j->paced, __ATOMIC_RELAXED));
+  if (snapshot_debug_job_hold) {
+    /* Only with -D snapshot.job_hold=1 (tests): see job_park. */
+    jw_key (w, "held");
+    jw_bool (w, j->state == JOB_STATE_RUNNING && j->held);
+    jw_key (w, "steps");
+    jw_uint (w, j->steps);
+  }
   jw_key (w, "eta_seconds");
   if (j->state == JOB_STATE_RUNNING && rate > 0 && j->bytes_total >= done)
     jw_double (w, (j->bytes_total - done) / rate);
@@ -614,6 +621,34 @@ cmd_wait (const struct json *req)
   return NULL;
 }
 
+/* {"cmd":"job-release","job":N[,"steps":K]}: let job N, held by
+ * -D snapshot.job_hold=1, take K more steps (then it parks again), or
+ * run to its end without "steps".  A request for tests: without the
+ * debug flag it is an unknown command.
+ */
+static char *
+cmd_job_release (const struct json *req)
+{
+  CLEANUP_FREE char *errmsg = NULL;
+  char *reply = NULL;
+  const struct json *s = json_get (req, "steps");
+  int64_t steps = -1;
+  uint64_t id;
+
+  if (!snapshot_debug_job_hold)
+    return error_reply ("unknown command 'job-release'");
+  if (!get_job_id (req, &id, &reply))
+    return reply;
+  if (s && (!json_get_int (req, "steps", &steps) || steps < 0))
+    return error_reply ("invalid request: \"steps\" must be 0 or more");
+  if (job_release (id, steps, &errmsg) == -1)
+    return error_reply ("%s", errmsg ? errmsg : "out of memory");
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+    return ok_job_reply (job_find (id));
+  }
+}
+
 static const struct {
   const char *name;
   char *(*fn) (const struct json *req);
@@ -626,6 +661,7 @@ static const struct {
   { "jobs", cmd_jobs },
   { "cancel", cmd_cancel },
   { "wait", cmd_wait },
+  { "job-release", cmd_job_release },
 };
 
 /* Handle one request line; return the reply (malloc'd) or NULL. */

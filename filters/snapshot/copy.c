@@ -142,6 +142,8 @@ job_copy (struct job *j, struct flusher *f)
     struct range r;
     int ret;
 
+    /* -D snapshot.job_hold=1: wait here for "job-release". */
+    job_park (j);
     {
       ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
       p = j->ops->next_candidate (j, p);
@@ -171,6 +173,7 @@ job_copy (struct job *j, struct flusher *f)
     if (ret == -1)
       return -1;
     p = e;
+    job_stepped (j);
     {
       uint64_t was = done;
 
@@ -185,7 +188,7 @@ job_copy (struct job *j, struct flusher *f)
       if (sync)
         kicked_at = done;
     }
-    /* -D snapshot.job_delay=US slows jobs down, for crash tests. */
+    /* -D snapshot.job_delay=US slows jobs down, to watch them. */
     if (snapshot_debug_job_delay > 0) {
       struct timespec ts = {
         .tv_sec = snapshot_debug_job_delay / 1000000,

@@ -534,6 +534,63 @@ job_resume (void)
   return 0;
 }
 
+/* ---- Holding jobs for tests: -D snapshot.job_hold=1 ---- */
+
+/* Broadcast when a held job may go on (store.job_lock). */
+static pthread_cond_t hold_cond = PTHREAD_COND_INITIALIZER;
+
+void
+job_park (struct job *j)
+{
+  if (!snapshot_debug_job_hold)
+    return;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+  if (j->hold_budget > 0 || job_stopping (j))
+    return;
+  j->held = true;
+  nbdkit_debug ("snapshot: job %" PRIu64 " held after %" PRIu64 " steps",
+                j->id, j->steps);
+  while (j->hold_budget == 0 && !job_stopping (j))
+    pthread_cond_wait (&hold_cond, &store.job_lock);
+  j->held = false;
+}
+
+void
+job_stepped (struct job *j)
+{
+  if (!snapshot_debug_job_hold)
+    return;
+
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+  j->steps++;
+  if (j->hold_budget > 0 && j->hold_budget != UINT64_MAX)
+    j->hold_budget--;
+}
+
+int
+job_release (uint64_t id, int64_t steps, char **errmsg)
+{
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
+  struct job *j = store.job;
+
+  if (j == NULL || j->id != id) {
+    set_errmsg (errmsg, "no running job %" PRIu64, id);
+    return -1;
+  }
+  if (steps < 0 || j->hold_budget == UINT64_MAX)
+    j->hold_budget = UINT64_MAX;
+  else
+    j->hold_budget += steps;
+  /* Not held from now on (until it parks again), so the caller can
+   * wait for it to be held again.
+   */
+  if (j->hold_budget > 0)
+    j->held = false;
+  pthread_cond_broadcast (&hold_cond);
+  return 0;
+}
+
 int
 job_cancel (uint64_t id, char **errmsg)
 {
@@ -549,6 +606,7 @@ job_cancel (uint64_t id, char **errmsg)
     return -1;
   }
   __atomic_store_n (&j->cancel, true, __ATOMIC_SEQ_CST);
+  pthread_cond_broadcast (&hold_cond);     /* a held job stops too */
   return 0;
 }
 
@@ -564,6 +622,7 @@ job_stop (void)
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
     if (store.job)
       __atomic_store_n (&store.job->shutdown, true, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast (&hold_cond);
   }
   join_job_thread ();
   for (size_t i = 0; i < nhistory; ++i)

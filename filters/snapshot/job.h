@@ -75,6 +75,11 @@ struct job {
   bool resumed;                 /* resumed after a restart */
   bool paced;                   /* atomic: held to snapshot-job-rate
                                    because clients are busy */
+  /* -D snapshot.job_hold=1 only (job_park; store.job_lock): */
+  uint64_t steps;               /* steps copied so far */
+  uint64_t hold_budget;         /* steps it may still take before it
+                                   parks (UINT64_MAX: released) */
+  bool held;                    /* parked, waiting for "job-release" */
   const struct job_ops *ops;    /* its plan (set by the kind's plan) */
   size_t upper;                 /* delete: layer indexes of the plan; */
   ssize_t lower;                /* lower < 0 means the origin */
@@ -112,6 +117,16 @@ extern void job_list (void (*fn) (const struct job *j, void *opaque),
 
 /* Job id, running or finished (store.job_lock held), or NULL. */
 extern const struct job *job_find (uint64_t id);
+
+/* -D snapshot.job_hold=1 (tests): job_park parks job j (in its thread)
+ * while it has no steps left to take, until "job-release" gives it
+ * some (job_release: steps more, or all of them if steps < 0) or it is
+ * asked to stop; job_stepped counts a step taken.  job_release returns
+ * 0, or -1 with *errmsg set.
+ */
+extern void job_park (struct job *j);
+extern void job_stepped (struct job *j);
+extern int job_release (uint64_t id, int64_t steps, char **errmsg);
 
 /* Call fn when a job ends ("wait" requests are answered then). */
 extern void job_set_end_notify (void (*fn) (void));

@@ -57,6 +57,13 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_verbose = 0;
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_job_delay = 0;
 
+/* -D snapshot.job_hold=1 parks every job before its first step, and
+ * again whenever the steps the control request "job-release" allowed
+ * it are used up (job_park), so tests can look at a running job, or
+ * kill nbdkit at a known point of it, however fast the machine is.
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_job_hold = 0;
+
 /* -D snapshot.job_busy=1: jobs take clients to be busy all the time
  * (so tests can check snapshot-job-rate without depending on how fast
  * a client manages to send requests).
