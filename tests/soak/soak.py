@@ -539,6 +539,9 @@ class Soak:
         # In flight: each page may have been written or not.
         for off, data, fua, _ in writes:
             self.model.write(off, data, False)
+        if self.rng.randrange(2):
+            # and a flush in flight (it makes nothing certain)
+            self.h().aio_flush()
         for h, c, _ in cookies[:k]:
             self.complete(h, c)
         self.server.kill()
@@ -656,6 +659,32 @@ class Soak:
         h.shutdown()
         return marked
 
+    def check_dirty(self, name, base, new):
+        """dirty/NAME marks every block where NEW differs from BASE, reads
+        as NEW in the marked blocks and as zeros elsewhere."""
+        bs = self.bs
+        marked = self.dirty_marked(name)
+        changed = {b for b in range(self.size // bs)
+                   if new[b * bs:(b + 1) * bs] != base[b * bs:(b + 1) * bs]}
+        missing = changed - marked
+        if missing:
+            raise CheckFailed("dirty/%s: %d changed blocks not marked, "
+                              "first %s" % (name, len(missing),
+                                            sorted(missing)[:8]))
+        extra = len(marked - changed)
+        self.stats["extra_marked"] += extra
+        self.stats["max_extra"] = max(self.stats["max_extra"], extra)
+        got = self.read_export("dirty/" + name)
+        zero = bytes(bs)
+        for b in range(self.size // bs):
+            want = new[b * bs:(b + 1) * bs] if b in marked else zero
+            if got[b * bs:(b + 1) * bs] != want:
+                raise CheckFailed("dirty/%s: block %d (%s) does not read as "
+                                  "%s" % (name, b, "marked" if b in marked
+                                          else "not marked",
+                                          "the view" if b in marked
+                                          else "zeros"))
+
     def check_list(self, running_name):
         m = self.model
         r = self.server.control({"cmd": "list"})
@@ -701,23 +730,18 @@ class Soak:
                 i = next(i for i in range(self.size) if got[i] != want[i])
                 raise CheckFailed("snap/%s at %d: read %#x, taken as %#x"
                                   % (name, i, got[i], want[i]))
-        bs = self.bs
         for name in m.order:
             if name == running_name:
                 continue    # cannot be opened while its job runs
-            marked = self.dirty_marked(name)
-            content = m.ckpts[name]["content"]
-            changed = {b for b in range(self.size // bs)
-                       if live[b * bs:(b + 1) * bs] !=
-                       content[b * bs:(b + 1) * bs]}
-            missing = changed - marked
-            if missing:
-                raise CheckFailed("dirty/%s: %d changed blocks not marked, "
-                                  "first %s" % (name, len(missing),
-                                                sorted(missing)[:8]))
-            extra = len(marked - changed)
-            self.stats["extra_marked"] += extra
-            self.stats["max_extra"] = max(self.stats["max_extra"], extra)
+            self.check_dirty(name, m.ckpts[name]["content"], live)
+        # dirty/FROM/TO: from the oldest checkpoint to each newer snapshot
+        # (the first checkpoint whose job does not run).
+        froms = [n for n in m.order if n != running_name]
+        for to in m.snapshots():
+            if froms and to != froms[0] and to != running_name:
+                self.check_dirty(froms[0] + "/" + to,
+                                 m.ckpts[froms[0]]["content"],
+                                 m.ckpts[to]["content"])
         return live
 
     def recover(self, pending):
@@ -905,6 +929,12 @@ def run_mode(args, mode, seed, rounds, deadline):
         log("replay: %s --mode %s --seed %d --rounds %d" %
             (sys.argv[0], mode, seed, soak.round))
         log("kept: %s (nbdkit log: %s)" % (workdir, soak.server.logfile))
+        try:
+            with open(soak.server.logfile) as f:
+                tail = f.readlines()[-30:]
+            log("last lines of the nbdkit log:\n" + "".join(tail))
+        except OSError:
+            pass
         if soak.server.proc and soak.server.proc.poll() is None:
             soak.server.kill()
     s = soak.stats
