@@ -444,7 +444,14 @@ cbw_active_is_layered (void)
 static int
 cbw_flush_live (int (*flush_origin) (void))
 {
-  return flush_origin ();
+  if (flush_origin () == -1)
+    return -1;
+  /* As a client's flush (cbw_flush): during a revert, the pages clients
+   * wrote must not be copied back over after a restart.
+   */
+  if (store.revert_depth >= 0 && revert_save () == -1)
+    return -1;
+  return 0;
 }
 
 /* ---- Delete: move the pages only S's layer keeps into the next

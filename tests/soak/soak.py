@@ -76,6 +76,7 @@ class Server:
         self.job_delay = job_delay
         self.proc = None
         self.starts = 0
+        self.trace = None
 
     def start(self):
         for f in (self.pidfile, self.sock):
@@ -114,6 +115,8 @@ class Server:
             time.sleep(0.005)
 
     def kill(self):
+        if self.trace:
+            self.trace("SIGKILL")
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
@@ -142,6 +145,8 @@ class Server:
         return s
 
     def control(self, req, timeout=120):
+        if self.trace:
+            self.trace("control %s" % json.dumps(req))
         s = self.control_send(req)
         s.settimeout(timeout)
         buf = b""
@@ -242,10 +247,15 @@ class Soak:
         self.model = Model(bytes(origin), self.bs)
         self.names = 0
         self.round = 0
+        self.tracef = open(os.path.join(workdir, "trace.log"), "w")
+        self.server.trace = self.trace
         self.where = "start"
         log("%s: seed %d, volume %d MiB, block size %d, job delay %d us, "
             "dir %s" % (mode, seed, self.size // MIB, self.bs, job_delay,
                         workdir))
+
+    def trace(self, msg):
+        self.tracef.write("%d: %s\n" % (self.round, msg))
 
     # ---------- connections ----------
 
@@ -284,7 +294,7 @@ class Soak:
             edge = rng.randrange(1, size // bs) * bs
             a = rng.randrange(1, 2 * PAGE)
             b = rng.randrange(1, 2 * PAGE)
-            off, n = edge - a, a + b
+            off, n = edge - a, min(a + b, size - (edge - a))
         else:              # whole blocks
             n = rng.randrange(1, 4) * bs
             off = rng.randrange(0, (size - n) // bs + 1) * bs
@@ -294,6 +304,7 @@ class Soak:
         off, n = self.rand_range()
         data = self.rng.randbytes(n)
         h = self.h()
+        self.trace("write %d+%d%s" % (off, n, " fua" if fua else ""))
         h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
         self.model.write(off, data, fua)
 
@@ -302,6 +313,7 @@ class Soak:
         fua = self.rng.randrange(3) == 0
         flags = (nbd.CMD_FLAG_FUA if fua else 0) | \
             (nbd.CMD_FLAG_NO_HOLE if self.rng.randrange(2) else 0)
+        self.trace("zero %d+%d flags %d" % (off, n, flags))
         self.h().zero(n, off, flags)
         self.model.write(off, bytes(n), fua)
 
@@ -309,6 +321,7 @@ class Soak:
         off, n = self.rand_range()
         h = self.h()
         old = bytes(self.model.live[off:off + n])
+        self.trace("trim %d+%d" % (off, n))
         h.trim(n, off)
         new = h.pread(n, off)
         bad = [i for i in range(n) if new[i] != old[i] and new[i] != 0]
@@ -318,6 +331,7 @@ class Soak:
         self.model.write(off, new, False)
 
     def op_flush(self):
+        self.trace("flush")
         if self.multi_conn:
             self.h().flush()
         else:
@@ -357,6 +371,8 @@ class Soak:
         return writes
 
     def submit(self, writes):
+        self.trace("batch %s" % [(off, len(d), fua, hi)
+                                 for off, d, fua, hi in writes])
         cookies = []
         for off, data, fua, hi in writes:
             h = self.handles[hi]
@@ -781,6 +797,8 @@ class Soak:
                         m.ckpts[name]["content"]
                 if applied:
                     self.model_revert(name, None)
+            self.trace("after the kill: %s %s applied: %s" %
+                       (kind, name, applied))
             if applied:
                 self.stats["control_applied"] += 1
         jobs = self.server.control({"cmd": "jobs"})["jobs"]
@@ -798,6 +816,7 @@ class Soak:
                 raise CheckFailed("job after restart %s, model %s"
                                   % (j, m.job))
             self.stats["jobs_resumed"] += 1
+            self.trace("resumed job %s" % j)
             m.job["id"] = j["id"]
             self.where = "check while the resumed job runs"
             self.check_views(m.job["name"])
@@ -821,6 +840,7 @@ class Soak:
         names, weights = zip(*self.KILLS)
         kind = rng.choices(names, weights)[0]
         self.where = "kill %s" % kind
+        self.trace("kill %s" % kind)
         pending = getattr(self, "kill_" + kind)()
         if kind == "stop":
             self.stats["stops"] += 1
