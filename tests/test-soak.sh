@@ -10,7 +10,7 @@
 #
 # The seed is random unless SOAK_SEED is set; it is printed, and
 #   tests/soak/soak.py --seed N --rounds R --mode M
-# replays a run.  SOAK_ROUNDS (rounds per mode, default 150),
+# replays a run.  SOAK_ROUNDS (rounds per mode, default 100),
 # SOAK_MINUTES (instead of rounds) and SOAK_MODE (row, cbw or both)
 # change the run; "make check-soak SOAK_MINUTES=30" runs a long one.
 
@@ -28,7 +28,7 @@ fi
 if [ -n "${SOAK_MINUTES-}" ]; then
     args+=(--minutes "$SOAK_MINUTES")
 else
-    args+=(--rounds "${SOAK_ROUNDS:-150}")
+    args+=(--rounds "${SOAK_ROUNDS:-100}")
 fi
 
 # A short run that starts with the self-test, then the soak.

@@ -939,6 +939,9 @@ def run_mode(args, mode, seed, rounds, deadline):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             soak.run_round()
+            if soak.round % 500 == 0:
+                log("%s: round %d, %d kills so far" %
+                    (mode, soak.round, soak.stats["kills"]))
         soak.wait_job()
         soak.drop_handles()
         soak.server.stop()
