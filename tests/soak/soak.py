@@ -292,7 +292,7 @@ class Soak:
             off = rng.randrange(0, size - n + 1)
         elif kind == 2:    # across a block edge
             edge = rng.randrange(1, size // bs) * bs
-            a = rng.randrange(1, 2 * PAGE)
+            a = rng.randrange(1, min(2 * PAGE, edge + 1))
             b = rng.randrange(1, 2 * PAGE)
             off, n = edge - a, min(a + b, size - (edge - a))
         else:              # whole blocks
