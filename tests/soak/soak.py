@@ -247,7 +247,8 @@ class Soak:
         self.model = Model(bytes(origin), self.bs)
         self.names = 0
         self.round = 0
-        self.tracef = open(os.path.join(workdir, "trace.log"), "w")
+        self.tracef = open(os.path.join(workdir, "trace.log"), "w",
+                           buffering=1)
         self.server.trace = self.trace
         self.where = "start"
         log("%s: seed %d, volume %d MiB, block size %d, job delay %d us, "
@@ -834,6 +835,12 @@ class Soak:
     def run_round(self):
         rng = self.rng
         self.round += 1
+        if self.round % 200 == 0:
+            # Keep the trace of the last 200 to 400 rounds only.
+            path = self.tracef.name
+            self.tracef.close()
+            os.replace(path, path + ".old")
+            self.tracef = open(path, "w", buffering=1)
         self.open_handles()
         for _ in range(rng.randrange(1, 12)):
             self.do_op()
