@@ -61,6 +61,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include <nbdkit-filter.h>
 
@@ -444,7 +445,14 @@ cbw_active_is_layered (void)
 static int
 cbw_flush_live (int (*flush_origin) (void))
 {
-  return flush_origin ();
+  if (flush_origin () == -1)
+    return -1;
+  /* As a client's flush (cbw_flush): during a revert, the pages clients
+   * wrote must not be copied back over after a restart.
+   */
+  if (store.revert_depth >= 0 && revert_save () == -1)
+    return -1;
+  return 0;
 }
 
 /* ---- Delete: move the pages only S's layer keeps into the next
@@ -573,10 +581,21 @@ static int
 revert_open (uint64_t id)
 {
   CLEANUP_FREE char *path = revert_map_path (id);
+  struct stat st;
   int fd;
 
   if (path == NULL)
     return -1;
+  /* A map no longer than its header is one whose creation a crash cut
+   * short (mapfile_create writes the header, then sizes the file): the
+   * job had not started, so nothing was recorded in it.  Make it again.
+   */
+  if (lstat (path, &st) == 0 && S_ISREG (st.st_mode) &&
+      st.st_size <= MAPFILE_HEADER_SIZE) {
+    nbdkit_debug ("%s: left incomplete by a crash, made again", path);
+    if (store_remove_path (path) == -1)
+      return -1;
+  }
   if (access (path, F_OK) == 0)
     fd = mapfile_open (path, MAPFILE_KIND_LAYER, PAGE_SIZE_BYTES,
                        store.npages, 1, &store.revert_done);

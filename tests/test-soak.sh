@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# nbdkit-snapshot
+# Crash soak, bounded: tests/soak/soak.py runs random I/O, checkpoints,
+# deletes and reverts against a model and kills nbdkit with SIGKILL at
+# random moments (between operations, with writes in flight, just
+# after a control request, during a job), then restarts it on the same
+# store and checks guarantees 1 to 4 (see the comment at the top of
+# soak.py).  Both kinds of store.  First the self-test: a deliberately
+# wrong model must be caught by each check.
+#
+# The seed is random unless SOAK_SEED is set; it is printed, and
+#   tests/soak/soak.py --seed N --rounds R --mode M
+# replays a run.  SOAK_ROUNDS (rounds per mode, default 100),
+# SOAK_MINUTES (instead of rounds) and SOAK_MODE (row, cbw or both)
+# change the run; "make check-soak SOAK_MINUTES=30" runs a long one.
+
+source ./functions.sh
+set -e
+set -x
+
+requires python3 -c 'import nbd'
+requires nbdkit file --version
+
+args=(--mode "${SOAK_MODE:-both}" --tmpdir "$tmp" --top "$abs_top_builddir")
+if [ -n "${SOAK_SEED-}" ]; then
+    args+=(--seed "$SOAK_SEED")
+fi
+if [ -n "${SOAK_MINUTES-}" ]; then
+    args+=(--minutes "$SOAK_MINUTES")
+else
+    args+=(--rounds "${SOAK_ROUNDS:-100}")
+fi
+
+# A short run that starts with the self-test, then the soak.
+python3 "$abs_top_srcdir/tests/soak/soak.py" --self-test --mode both \
+        --rounds 5 --tmpdir "$tmp" --top "$abs_top_builddir" ${SOAK_SEED:+--seed "$SOAK_SEED"}
+python3 "$abs_top_srcdir/tests/soak/soak.py" "${args[@]}"
