@@ -5,4 +5,5 @@ AM_CPPFLAGS = \
 	-I$(top_srcdir)/common/json \
 	-I$(top_srcdir)/common/store \
 	$(NULL)
-AM_CFLAGS = $(WARNINGS_CFLAGS) $(PTHREAD_CFLAGS)
+AM_CFLAGS = $(WARNINGS_CFLAGS) $(PTHREAD_CFLAGS) $(SANITIZER_CFLAGS)
+AM_LDFLAGS = $(SANITIZER_LDFLAGS)

@@ -12,6 +12,29 @@
 #include <config.h>
 
 #include <dlfcn.h>
+#include <stdlib.h>
+
+/* nbdkit's children (the scripts of the sh and eval plugins) must not
+ * inherit what the test wrapper preloaded into nbdkit (the sanitizers'
+ * runtimes would report the leaks of every shell, or fail to load): at
+ * start-up, give LD_PRELOAD back the value the test gave, which the
+ * wrapper passes in SNAPSHOT_TEST_CHILD_PRELOAD.  The loader has read
+ * LD_PRELOAD already, so nbdkit itself keeps what was preloaded.
+ */
+__attribute__ ((constructor))
+static void
+restore_preload (void)
+{
+  const char *p = getenv ("SNAPSHOT_TEST_CHILD_PRELOAD");
+
+  if (p == NULL)
+    return;
+  if (*p)
+    setenv ("LD_PRELOAD", p, 1);
+  else
+    unsetenv ("LD_PRELOAD");
+  unsetenv ("SNAPSHOT_TEST_CHILD_PRELOAD");
+}
 
 int
 dlclose (void *handle)
