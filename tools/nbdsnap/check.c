@@ -75,6 +75,19 @@ add_item (struct item **items, size_t *n, const char *file, const char *text)
     (*n)++;
 }
 
+/* Append the formatted text to a list (problems or notes). */
+static void
+add_vitem (struct item **items, size_t *n, const char *file,
+           const char *fs, va_list args)
+{
+  char *text;
+
+  if (vasprintf (&text, fs, args) == -1)
+    return;
+  add_item (items, n, file, text);
+  free (text);
+}
+
 static void
 problem (struct check *ck, const char *file, const char *fs, ...)
   __attribute__ ((format (printf, 3, 4)));
@@ -83,16 +96,10 @@ static void
 problem (struct check *ck, const char *file, const char *fs, ...)
 {
   va_list args;
-  char *text;
 
   va_start (args, fs);
-  if (vasprintf (&text, fs, args) == -1)
-    text = NULL;
+  add_vitem (&ck->problems, &ck->nproblems, file, fs, args);
   va_end (args);
-  if (text) {
-    add_item (&ck->problems, &ck->nproblems, file, text);
-    free (text);
-  }
 }
 
 static void
@@ -103,16 +110,10 @@ static void
 note (struct check *ck, const char *file, const char *fs, ...)
 {
   va_list args;
-  char *text;
 
   va_start (args, fs);
-  if (vasprintf (&text, fs, args) == -1)
-    text = NULL;
+  add_vitem (&ck->notes, &ck->nnotes, file, fs, args);
   va_end (args);
-  if (text) {
-    add_item (&ck->notes, &ck->nnotes, file, text);
-    free (text);
-  }
 }
 
 /* An error from the common code while a file is checked: a problem.
