@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -228,4 +229,15 @@ iso_time (char *buf, size_t buflen, int64_t t)
       strftime (buf, buflen, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
     snprintf (buf, buflen, "%" PRIi64, t);
   return buf;
+}
+
+void
+raise_fd_limit (void)
+{
+  struct rlimit rl;
+
+  if (getrlimit (RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit (RLIMIT_NOFILE, &rl);
+  }
 }

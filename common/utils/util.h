@@ -106,4 +106,10 @@ extern char *human_size (char *buf, size_t buflen, uint64_t bytes);
 /* Format a Unix time as ISO 8601 UTC ("2026-11-29T02:30:00Z").  Returns buf. */
 extern char *iso_time (char *buf, size_t buflen, int64_t t);
 
+/* Raise the soft limit on open files to the hard limit: each layer of
+ * a store keeps a descriptor open, so many snapshots or a long chain
+ * need many.  Failure is ignored (opening then reports EMFILE).
+ */
+extern void raise_fd_limit (void);
+
 #endif /* SNAP_UTIL_H */

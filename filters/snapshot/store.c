@@ -428,18 +428,6 @@ layer_flush_fd (struct layer *l, int fd)
 
 /* ---- Opening the store ---- */
 
-/* Each layer keeps one descriptor open; allow many snapshots. */
-static void
-raise_fd_limit (void)
-{
-  struct rlimit rl;
-
-  if (getrlimit (RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-    rl.rlim_cur = rl.rlim_max;
-    setrlimit (RLIMIT_NOFILE, &rl);
-  }
-}
-
 /* Whether the manifest was loaded (false: a new store). */
 static bool have_manifest;
 

@@ -134,18 +134,6 @@ snapstore_thread_model (void)
   return NBDKIT_THREAD_MODEL_PARALLEL;
 }
 
-/* Each layer keeps a descriptor open: allow long chains. */
-static void
-raise_fd_limit (void)
-{
-  struct rlimit rl;
-
-  if (getrlimit (RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-    rl.rlim_cur = rl.rlim_max;
-    setrlimit (RLIMIT_NOFILE, &rl);
-  }
-}
-
 /* The index of checkpoint ci's view, built if needed.  NULL after
  * nbdkit_error.
  */
