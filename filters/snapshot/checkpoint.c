@@ -182,6 +182,12 @@ ckpt_map_seal (struct ckpt_map *d)
 
   if (d->sealed)
     return 0;
+  /* The seal describes the bits in memory: the file must have them all.
+   * A frozen map may lack some: a fold into it (deleting a checkpoint)
+   * that failed to write them left them set in memory only.
+   */
+  if (ckpt_map_write_all (d) == -1)
+    return -1;
   mapfile_seal_compute (&d->bm, &seal);
   if (seal_file (d, &seal) == -1)
     return -1;
@@ -336,6 +342,26 @@ ckpt_map_persist (struct ckpt_map *d, bool sync)
       pthread_cond_wait (&d->cond, &d->lock);
   }
   return 0;
+}
+
+int
+ckpt_map_write_all (struct ckpt_map *d)
+{
+  CLEANUP_FREE char *path = NULL;
+  int r, e;
+
+  if (d->fd >= 0)
+    return ckpt_map_persist (d, true);
+  /* Frozen: the file is opened for the write. */
+  path = ckpt_map_path (d->id);
+  if (path == NULL || (d->fd = open (path, O_RDWR | O_CLOEXEC)) == -1)
+    return -1;
+  r = ckpt_map_write (d, true);
+  e = errno;
+  close (d->fd);
+  d->fd = -1;
+  errno = e;
+  return r;
 }
 
 int

@@ -367,6 +367,12 @@ extern int ckpt_map_persist (struct ckpt_map *d, bool sync)
   __attribute__ ((__nonnull__ (1)));
 extern int ckpt_persist_active (void);
 
+/* The same for any map, active or frozen (its file then opened for
+ * the call).
+ */
+extern int ckpt_map_write_all (struct ckpt_map *d)
+  __attribute__ ((__nonnull__ (1)));
+
 /* Mark the blocks of [offset, offset+count) in the active map; with
  * durable, make newly set bits durable before returning.  Return 0, or
  * -1 with errno set.
