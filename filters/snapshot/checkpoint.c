@@ -276,6 +276,11 @@ ckpt_map_write (struct ckpt_map *d, bool sync)
   struct mapfile_batch batch = { 0 };
   int r;
 
+  /* After a failed sync no sync of a dirty map may succeed (store.h). */
+  if (store_failed ()) {
+    errno = EIO;
+    return -1;
+  }
   if (mapfile_collect (&d->bm, &batch) == -1)
     return -1;
   if (d->mm) {
@@ -293,8 +298,9 @@ ckpt_map_write (struct ckpt_map *d, bool sync)
   }
   else
     r = mapfile_write_pages (d->fd, &batch);
-  if (r == 0 && sync && (batch.n > 0 || d->unsynced))
-    r = fdatasync (d->fd);
+  if (r == 0 && sync && (batch.n > 0 || d->unsynced) &&
+      (r = fdatasync (d->fd)) == -1)
+    store_fail ("dirty-%" PRIu64 ".map: fdatasync", d->id);
   if (r == -1) {
     int e = errno;
     mapfile_batch_restore (&d->bm, &batch);

@@ -142,6 +142,20 @@ error_reply (const char *fs, ...)
   return jw_finish (&w);
 }
 
+/* The reply to a request that would change the store after a failed
+ * sync (store.h), or NULL if none failed.
+ */
+static char *
+refuse_changes (void)
+{
+  const char *why = store_failure ();
+
+  if (why == NULL)
+    return NULL;
+  return error_reply ("the store had an I/O error (%s): it takes no more "
+                      "changes until nbdkit restarts", why);
+}
+
 static char *
 checkpoint_reply (size_t i)
 {
@@ -243,7 +257,7 @@ cmd_create (const struct json *req)
   const struct json *v = json_get (req, "bitmap_only");
   ssize_t i;
 
-  if (name == NULL)
+  if (name == NULL || (reply = refuse_changes ()) != NULL)
     return reply;
   if (v && !json_get_bool (req, "bitmap_only", &bitmap_only))
     return error_reply ("invalid request: \"bitmap_only\" must be true "
@@ -351,7 +365,7 @@ cmd_delete (const struct json *req)
   int strat = -1;
   bool is_snapshot;
 
-  if (name == NULL)
+  if (name == NULL || (reply = refuse_changes ()) != NULL)
     return reply;
   if (json_get (req, "keep_bitmap") &&
       !json_get_bool (req, "keep_bitmap", &keep_bitmap))
@@ -417,7 +431,7 @@ cmd_revert (const struct json *req)
   CLEANUP_FREE char *errmsg = NULL;
   uint64_t id;
 
-  if (name == NULL)
+  if (name == NULL || (reply = refuse_changes ()) != NULL)
     return reply;
   if (job_busy (name, &errmsg))
     return error_reply ("%s", errmsg ? errmsg : "a job is running");

@@ -160,6 +160,11 @@ job_copy (struct job *j, struct flusher *f)
       errno = ECANCELED;
       return -1;
     }
+    /* After a failed sync the store takes no more changes (store.h). */
+    if (store_failed ()) {
+      errno = EIO;
+      return -1;
+    }
     {
       ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
       rangelock_acquire (&store.pages, &r, p, e - 1);

@@ -378,6 +378,28 @@ intent_open (void)
 }
 
 void
+intent_distrust (void)
+{
+  CLEANUP_FREE char *bpath = NULL;
+
+  /* A failed sync of the dirty map may have lost fine bits from the
+   * page cache (a failed write-back leaves the pages clean, free to be
+   * dropped), so the next start must not take the map as exact, as it
+   * would in the same boot.  Without a boot record it assumes another
+   * boot: every region set in intent.map, where every such bit's
+   * region is, gets all its blocks marked.
+   */
+  if (asprintf (&bpath, "%s/" BOOT_ID_FILE, store.dir) == -1)
+    bpath = NULL;
+  if (bpath == NULL ||
+      (unlink (bpath) == -1 && errno != ENOENT) ||
+      fsync_dir (store.dir) == -1)
+    nbdkit_error ("%s/" BOOT_ID_FILE ": dropping the boot record: %m: "
+                  "remove it before the next start, so that it marks the "
+                  "regions written", store.dir);
+}
+
+void
 intent_close (void)
 {
   if (intent.fd >= 0)

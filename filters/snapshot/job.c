@@ -213,7 +213,11 @@ job_main (void *arg)
     if (r == 0)
       r = j->ops->finish (j, &errmsg);
     else {
-      if (errno != ECANCELED)
+      if (errno != ECANCELED && store_failed ())
+        set_errmsg (&errmsg, "the store had an I/O error (%s): it takes "
+                    "no more changes until nbdkit restarts",
+                    store_failure ());
+      else if (errno != ECANCELED)
         set_errmsg (&errmsg, "%s", strerror (errno));
       abandon_job (j);
     }

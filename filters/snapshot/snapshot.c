@@ -769,6 +769,9 @@ live_write (nbdkit_next *next, void *handle, enum write_op op,
 {
   assert (((struct handle *) handle)->kind == EXPORT_LIVE);
   note_request ();
+  if (store_refuses (op == WRITE_DATA ? "write"
+                     : op == WRITE_ZERO ? "zero" : "trim", err))
+    return -1;
   for (;;) {
     int r;
 
@@ -825,6 +828,11 @@ snapshot_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
 
   note_request ();
+  /* A flush after a failed sync must not report what it covered as
+   * durable (store.h).
+   */
+  if (store_refuses ("flush", err))
+    return -1;
   if (store.kind->flush (next, flags, err) == -1)
     return -1;
   /* A good moment to shrink the write-intent regions (intent.c). */

@@ -371,6 +371,11 @@ layer_flush_fd (struct layer *l, int fd)
   unsigned data_dirty;
   int r = -1;
 
+  /* After a failed sync no sync of a layer may succeed (store.h). */
+  if (store_failed ()) {
+    errno = EIO;
+    return -1;
+  }
   /* Order matters: clear the data flag and take the map pages first,
    * then sync the data they describe, then write the map pages.  The
    * flag is l->data_fd's own: another descriptor's sync leaves it set,
@@ -389,8 +394,10 @@ layer_flush_fd (struct layer *l, int fd)
   if (batch.n > 0 && store.kind->active_is_layered () &&
       ckpt_persist_active () == -1)
     goto out;
-  if ((data_dirty || batch.n > 0) && fdatasync (fd) == -1)
+  if ((data_dirty || batch.n > 0) && fdatasync (fd) == -1) {
+    store_fail ("layer-%" PRIu64 ".data: fdatasync", l->id);
     goto out;
+  }
   if (batch.n > 0) {
     /* A frozen layer gains pages only from a merge job; its map file
      * is opened just for the write.
@@ -831,9 +838,16 @@ store_close (void)
   if (store.kind && store.kind->close)
     store.kind->close ();
 
-  if (store.nlayers > 0 && layer_flush (store.layers[store.nlayers - 1]) == -1)
+  if (!store_failed () && store.nlayers > 0 &&
+      layer_flush (store.layers[store.nlayers - 1]) == -1)
     nbdkit_error ("snapshot: flushing the newest layer: %m");
-  if (store.maps && ckpt_persist_active () == -1)
+  /* After a failed sync nothing is synced, cleared or sealed: the store
+   * stays as a crash would leave it, for the next start to recover.
+   */
+  if (store_failed ())
+    nbdkit_error ("snapshot: %s: the store is left as after a crash (not "
+                  "sealed): the next start recovers it", store_failure ());
+  else if (store.maps && ckpt_persist_active () == -1)
     nbdkit_error ("snapshot: saving the active dirty map: %m");
   else if (store.maps && intent_clear (false) == -1)
     nbdkit_error ("snapshot: clearing the write-intent regions: %m");
@@ -857,6 +871,63 @@ store_close (void)
   store.lock_fd = -1;
   free (store.dir);
   store.dir = NULL;
+}
+
+/* ---- A store whose disk failed a sync (store.h) ---- */
+
+static pthread_mutex_t failure_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool failed;             /* atomic; failure is set before it */
+static char failure[256];
+
+void
+store_fail (const char *fs, ...)
+{
+  const int e = errno;
+  char what[128];
+  va_list args;
+
+  va_start (args, fs);
+  vsnprintf (what, sizeof what, fs, args);
+  va_end (args);
+  {
+    ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&failure_lock);
+    if (failed) {
+      errno = e;
+      return;
+    }
+    snprintf (failure, sizeof failure, "%s: %s", what, strerror (e));
+    nbdkit_error ("snapshot: %s: what the sync covered may be lost, so the "
+                  "store takes no more changes until nbdkit restarts: "
+                  "writes and flushes fail with EIO, reads go on; the next "
+                  "start recovers the store as after a crash", failure);
+    /* Before anything can act on the failure (the stop, say). */
+    intent_distrust ();
+    __atomic_store_n (&failed, true, __ATOMIC_SEQ_CST);
+  }
+  errno = e;
+}
+
+bool
+store_failed (void)
+{
+  return __atomic_load_n (&failed, __ATOMIC_SEQ_CST);
+}
+
+const char *
+store_failure (void)
+{
+  return store_failed () ? failure : NULL;
+}
+
+bool
+store_refuses (const char *what, int *err)
+{
+  if (!store_failed ())
+    return false;
+  nbdkit_error ("%s: the store had an I/O error (%s): it takes no more "
+                "changes until nbdkit restarts", what, failure);
+  *err = EIO;
+  return true;
 }
 
 /* ---- A full store ---- */

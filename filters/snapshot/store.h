@@ -320,6 +320,48 @@ extern uint64_t store_disk_bytes (void);
  */
 extern unsigned store_connections (size_t i);
 
+/* ---- A store whose disk failed a sync ----
+ *
+ * The data of a layer, and the bits of a dirty map (stored into its
+ * shared mapping, or written without a sync), are written once and
+ * made durable by a later sync.  If that sync fails, what it covered
+ * may never reach the disk: the kernel may drop the pages it failed to
+ * write back, and reports the error once, so the next sync of the same
+ * file succeeds without them (retrying would report a loss as
+ * durable).  So the first such failure stops the store from taking
+ * changes until nbdkit restarts: client writes, zeroes, trims and
+ * flushes, and every later sync of a layer or a dirty map, fail with
+ * EIO; control requests that change the store are refused; reads go
+ * on.  The stop then leaves the store as a crash would, and the next
+ * start recovers it: the layer maps name only data synced before the
+ * failure, and the dirty map is rebuilt from the write-intent regions
+ * as after a power loss (intent_distrust).
+ *
+ * Failed reads and writes, and failed syncs of files that are written
+ * whole again before the next try (the manifest, a layer's map pages,
+ * intent.map, seals, new files), fail only the request that met them.
+ */
+
+/* Record a failed sync (errno is its error; fs names the file and the
+ * call) and stop taking changes.  Keeps errno.
+ */
+extern void store_fail (const char *fs, ...)
+  __attribute__ ((format (printf, 1, 2)));
+
+/* Whether a sync failed (then the caller fails with EIO). */
+extern bool store_failed (void);
+
+/* If a sync failed: report it for a client's change that is refused,
+ * set *err to EIO and return true.
+ */
+extern bool store_refuses (const char *what, int *err)
+  __attribute__ ((__nonnull__ (1, 2)));
+
+/* The failed sync, as text for a message ("layer-3.data: fdatasync:
+ * Input/output error"), or NULL if none failed.
+ */
+extern const char *store_failure (void);
+
 /* Format a message into *errmsg (malloc'd; NULL if out of memory). */
 extern void set_errmsg (char **errmsg, const char *fs, ...)
   __attribute__ ((format (printf, 2, 3)));
@@ -342,6 +384,12 @@ extern int intent_ensure (uint64_t first_block, uint64_t last_block);
  * errno set.
  */
 extern int intent_clear (bool rate_limited);
+
+/* After a failed sync (store_fail): make the next start treat the
+ * dirty map as after a power loss, even in this boot, by dropping the
+ * record of the boot.
+ */
+extern void intent_distrust (void);
 
 /* ---- checkpoint.c (store.lock held, shared unless stated) ---- */
 
