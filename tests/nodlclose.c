@@ -42,3 +42,29 @@ dlclose (void *handle)
   (void) handle;
   return 0;
 }
+
+/* AddressSanitizer, preloaded into an uninstrumented nbdkit, starts up
+ * at the first malloc of the process.  That first malloc happens in
+ * p11-kit's constructor (p11-kit comes with GnuTLS, which nbdkit
+ * links), inside newlocale(3), while newlocale holds glibc's internal
+ * locale lock for writing.  During its start-up ASan looks up the
+ * optional "swift_demangle" with dlsym; when it is missing, the
+ * dlerror(3) that clears the failure translates its message, and
+ * gettext takes and releases the same lock for reading.  That release
+ * leaves the lock's reader count below zero, so the next writer, the
+ * freelocale(3) in p11-kit's destructor at exit, waits for ever and
+ * nbdkit never exits.  With the symbol present the lookup does not
+ * fail, nothing is translated and the lock stays balanced.  ASan calls
+ * it to demangle Swift names; NULL means "not a Swift name", and it
+ * goes on to demangle C++ names as before.
+ */
+char *swift_demangle (const char *name, size_t len, char *out,
+                      size_t *out_len, unsigned flags);
+
+char *
+swift_demangle (const char *name, size_t len, char *out, size_t *out_len,
+                unsigned flags)
+{
+  (void) name; (void) len; (void) out; (void) out_len; (void) flags;
+  return NULL;
+}
