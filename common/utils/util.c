@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,4 +241,10 @@ raise_fd_limit (void)
     rl.rlim_cur = rl.rlim_max;
     setrlimit (RLIMIT_NOFILE, &rl);
   }
+}
+
+void
+name_thread (const char *name)
+{
+  (void) pthread_setname_np (pthread_self (), name);
 }

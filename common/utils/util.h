@@ -112,4 +112,10 @@ extern char *iso_time (char *buf, size_t buflen, int64_t t);
  */
 extern void raise_fd_limit (void);
 
+/* Name the calling thread (at most 15 bytes), as ps -L and top -H
+ * show it: the filter's own threads are "snap-" something, nbdkit's
+ * keep nbdkit's name.  Failure is ignored.
+ */
+extern void name_thread (const char *name);
+
 #endif /* SNAP_UTIL_H */

@@ -931,6 +931,7 @@ answer_waits (void)
 static void *
 control_thread (void *arg)
 {
+  name_thread ("snap-control");
   for (;;) {
     struct pollfd fds[CONTROL_MAX_CLIENTS + 3];
     size_t idx[CONTROL_MAX_CLIENTS];

@@ -99,6 +99,7 @@ flusher_main (void *arg)
 {
   struct flusher *f = arg;
 
+  name_thread ("snap-flush");
   for (;;) {
     CLEANUP_FREE struct run *runs = NULL;
     size_t nruns = 0;

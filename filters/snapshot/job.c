@@ -196,6 +196,8 @@ job_main (void *arg)
   struct job *j = arg;
   char *errmsg = NULL;
   char *dead[sizeof doomed / sizeof doomed[0]];
+
+  name_thread ("snap-job");
   size_t ndead = 0;
   int r;
 

@@ -147,9 +147,11 @@ static void *
 probe_main (void *arg)
 {
   struct probe *p = arg;
-  nbdkit_next *ctx = nbdkit_next_context_open (p->backend, 1, "", 0);
+  nbdkit_next *ctx;
   bool abandoned;
 
+  name_thread ("snap-probe");
+  ctx = nbdkit_next_context_open (p->backend, 1, "", 0);
   if (ctx)
     nbdkit_next_context_close (ctx);
   pthread_mutex_lock (&p->lock);
