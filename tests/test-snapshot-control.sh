@@ -114,7 +114,13 @@ error(b'"list"\n', prefix=["invalid request: "])
 error(b"\xff\xfe\x00\x01 junk\n", prefix=["invalid request: "])
 error(b'{"cmd":"list"}}\n', prefix=["invalid request: "])
 error(b'{"cmd":"list","cmd":"create","name":"x"}\n',
-      want='invalid request: at byte 14: duplicate key "cmd"')
+      want='invalid request: at byte 14: repeated key "cmd"')
+error(b'{"cmd":"list","c\\u006dd":"create","name":"x"}\n',
+      want='invalid request: at byte 14: repeated key "cmd"')
+error(b'{"cmd":"wait","job":NaN}\n',
+      want="invalid request: at byte 20: unexpected character")
+error(b'{"cmd":"wait","job":18446744073709551617}\n',
+      want="invalid request: at byte 20: integer out of range")
 # (The spec gives no message for these two: any error will do.)
 error(b"{}\n")
 error(b'{"cmd":1}\n')

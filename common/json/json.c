@@ -1,42 +1,54 @@
-/* nbdkit-snapshot: a small JSON reader and writer (see json.h).
+/* nbdkit-snapshot: JSON over json-c (see json.h).
  *
- * Notes on the design
+ * Reading
  *
- * The reader is a strict recursive-descent parser for RFC 8259.  It
- * accepts exactly one value, with white space (space, tab, CR, LF)
- * around it and nothing else.  It refuses:
+ * json-c parses: its tokener, in strict mode (JSON_TOKENER_STRICT:
+ * exactly one value, nothing after it but white space) and with a depth
+ * limit, checks the syntax, builds the tree and decodes escapes.  It is
+ * a widely used and fuzzed parser, which one of our own would not be.
  *
- *   - raw control characters (U+0000 to U+001F) inside strings;
- *   - bytes that are not well-formed UTF-8 (overlong forms, encoded
- *     surrogates and code points above U+10FFFF included), anywhere
- *     inside strings;
- *   - unknown escapes, \u escapes that are not four hex digits, unpaired
- *     surrogates, and \u0000 (strings are NUL-terminated in memory);
- *   - numbers outside the grammar (leading zeros, "+1", ".5", "1.",
- *     "1e") and numbers that overflow a double;
- *   - nesting deeper than JSON_MAX_DEPTH arrays and objects.
+ * Its strict mode still lets some things through (json-c 0.16):
+ * NaN, Infinity and -Infinity; "-01", "1." and "1.e5"; numbers too
+ * large for a double (they become infinity); integers below INT64_MIN
+ * or above UINT64_MAX (silently clamped to those limits); raw control
+ * characters in strings; overlong UTF-8, encoded surrogates and code
+ * points above U+10FFFF (even with JSON_TOKENER_VALIDATE_UTF8); \u0000
+ * (a NUL inside a value, a key cut short at it); and a key repeated in
+ * one object (json-c keeps the last value, and the tree cannot tell).
+ * json_parse refuses all of these.  Once json-c has accepted the text,
+ * its brackets match and its strings and escapes are well formed, so
+ * finding them takes one lexical pass over the text (check_text), not
+ * a second parser: it checks each number against the RFC 8259 grammar
+ * and its range, the bytes of each string, and keeps the keys of each
+ * open object, decoded by json-c, to find a repeated one.  An unpaired
+ * surrogate escape is left as json-c decodes it, U+FFFD.  A NUL byte is
+ * refused before json-c sees the text, which it would end there.
  *
- * Recursion is bounded by the depth limit, so the C stack is safe.
+ * Error messages are "at byte N: WHAT", N counting from 0: json-c's
+ * description of its error (json_tokener_error_desc) at the byte where
+ * it stopped (json_tokener_get_parse_end; the end of the text for
+ * truncated input), or the check's.
  *
- * Error messages have the form "at byte N: WHAT", N counting from 0 at
- * the start of the text, and point at the first byte that is wrong
- * (at the end of the text for truncated input).
+ * Writing
  *
- * Numbers are converted without regard to the C locale: integers are
- * accumulated by hand (exactly, when they fit int64_t) and other
- * numbers go through strtod_l in the "C" locale.
+ * The writer builds a json-c tree and serialises it with
+ * json_object_to_json_string_ext (JSON_C_TO_STRING_PLAIN |
+ * JSON_C_TO_STRING_NOSLASHESCAPE): one line, "/" not escaped.  What
+ * is left to us: json-c copies strings' bytes as they are, so bytes
+ * that are not well-formed UTF-8 are replaced by U+FFFD first, and
+ * json-c writes doubles with 17 digits (0.10000000000000001), so
+ * jw_double gives it the shortest form that reads back exactly, which
+ * json-c then writes as it is (json_object_new_double_s).  The writer
+ * keeps a stack of the containers open, which lets it catch misuse;
+ * the first error sets w->error and every later call does nothing.
  *
- * The writer appends to a growing buffer that is always NUL-terminated.
- * It keeps, for each open container, whether it is an object and
- * whether it has a member yet, which gives commas automatically and
- * lets misuse (a value in an object without a key, a key in an array,
- * unbalanced ends, two top-level values) be caught.  The first error
- * sets w->error and every later call does nothing.
+ * Doubles are formatted in the "C" locale whatever the process's is:
+ * jw_double switches its thread to a "C" locale object created once
+ * (json-c's tokener does the same while it parses).
  */
 #include <config.h>
 
-#include <errno.h>
-#include <inttypes.h>
+#include <limits.h>
 #include <locale.h>
 #include <math.h>
 #include <pthread.h>
@@ -46,108 +58,6 @@
 #include <string.h>
 
 #include "json.h"
-
-#define JSON_MAX_DEPTH 64
-
-/* ---- Reading ---- */
-
-struct parser {
-  const unsigned char *text;
-  size_t len;
-  size_t pos;                   /* next byte to look at */
-  int depth;                    /* containers currently open */
-  char *errmsg;                 /* first error, malloc'd */
-  bool failed;                  /* an error (or out of memory) happened */
-};
-
-static void error_at (struct parser *p, size_t pos, const char *fs, ...)
-  __attribute__ ((format (printf, 3, 4)));
-
-/* Record the first error only: later ones are consequences. */
-static void
-error_at (struct parser *p, size_t pos, const char *fs, ...)
-{
-  va_list args;
-  char *what = NULL;
-
-  if (p->failed)
-    return;
-  p->failed = true;
-  va_start (args, fs);
-  if (vasprintf (&what, fs, args) == -1)
-    what = NULL;
-  va_end (args);
-  if (what == NULL)
-    return;                     /* Out of memory: *errmsg stays NULL. */
-  if (asprintf (&p->errmsg, "at byte %zu: %s", pos, what) == -1)
-    p->errmsg = NULL;
-  free (what);
-}
-
-static void
-out_of_memory (struct parser *p)
-{
-  p->failed = true;
-}
-
-static void
-skip_space (struct parser *p)
-{
-  while (p->pos < p->len) {
-    unsigned char c = p->text[p->pos];
-    if (c != ' ' && c != '\t' && c != '\n' && c != '\r')
-      break;
-    p->pos++;
-  }
-}
-
-/* Suffix for "expected X" messages: says so when input has run out. */
-static const char *
-found (struct parser *p)
-{
-  return p->pos >= p->len ? " before end of input" : "";
-}
-
-static struct json *
-new_value (struct parser *p, enum json_type type)
-{
-  struct json *v = calloc (1, sizeof *v);
-
-  if (v == NULL)
-    out_of_memory (p);
-  else
-    v->type = type;
-  return v;
-}
-
-/* A growing byte buffer for decoded strings. */
-struct sbuf {
-  char *s;
-  size_t len, alloc;
-};
-
-static bool
-sbuf_add (struct parser *p, struct sbuf *b, const void *data, size_t n)
-{
-  if (b->len + n + 1 > b->alloc) {
-    size_t alloc = b->alloc ? b->alloc : 16;
-    char *s;
-
-    while (b->len + n + 1 > alloc)
-      alloc *= 2;
-    s = realloc (b->s, alloc);
-    if (s == NULL) {
-      out_of_memory (p);
-      return false;
-    }
-    b->s = s;
-    b->alloc = alloc;
-  }
-  memcpy (b->s + b->len, data, n);
-  b->len += n;
-  b->s[b->len] = '\0';
-  return true;
-}
 
 /* Length of the well-formed UTF-8 sequence at s[0..n), or 0 if it is
  * not one (RFC 3629 table 3-7: no overlong forms, no surrogates,
@@ -187,577 +97,394 @@ utf8_length (const unsigned char *s, size_t n)
   return len;
 }
 
-/* Encode code point cp (not a surrogate, not 0) as UTF-8 into out,
- * returning the length.
- */
-static size_t
-utf8_encode (uint32_t cp, char *out)
-{
-  if (cp < 0x80) {
-    out[0] = cp;
-    return 1;
-  }
-  if (cp < 0x800) {
-    out[0] = 0xc0 | (cp >> 6);
-    out[1] = 0x80 | (cp & 0x3f);
-    return 2;
-  }
-  if (cp < 0x10000) {
-    out[0] = 0xe0 | (cp >> 12);
-    out[1] = 0x80 | ((cp >> 6) & 0x3f);
-    out[2] = 0x80 | (cp & 0x3f);
-    return 3;
-  }
-  out[0] = 0xf0 | (cp >> 18);
-  out[1] = 0x80 | ((cp >> 12) & 0x3f);
-  out[2] = 0x80 | ((cp >> 6) & 0x3f);
-  out[3] = 0x80 | (cp & 0x3f);
-  return 4;
-}
+/* ---- Reading ---- */
 
-/* Read the four hex digits of a \u escape at p->pos.  Return the
- * value, or -1 with the error set.
- */
-static int32_t
-parse_hex4 (struct parser *p)
-{
-  int32_t v = 0;
-
-  for (int i = 0; i < 4; ++i) {
-    unsigned char c;
-
-    if (p->pos >= p->len) {
-      error_at (p, p->pos, "expected hex digit before end of input");
-      return -1;
-    }
-    c = p->text[p->pos];
-    v <<= 4;
-    if (c >= '0' && c <= '9')
-      v |= c - '0';
-    else if (c >= 'a' && c <= 'f')
-      v |= c - 'a' + 10;
-    else if (c >= 'A' && c <= 'F')
-      v |= c - 'A' + 10;
-    else {
-      error_at (p, p->pos, "expected hex digit");
-      return -1;
-    }
-    p->pos++;
-  }
-  return v;
-}
-
-/* Parse a string starting at the opening quote.  On success return the
- * decoded NUL-terminated UTF-8 and set *lenp.
- */
-static char *
-parse_string (struct parser *p, size_t *lenp)
-{
-  struct sbuf b = { NULL, 0, 0 };
-
-  if (p->pos >= p->len || p->text[p->pos] != '"') {
-    error_at (p, p->pos, "expected string%s", found (p));
-    return NULL;
-  }
-  p->pos++;
-  if (!sbuf_add (p, &b, "", 0))
-    return NULL;
-
-  for (;;) {
-    size_t start = p->pos;
-    unsigned char c;
-
-    if (p->pos >= p->len) {
-      error_at (p, p->pos, "expected '\"' before end of input");
-      goto fail;
-    }
-    c = p->text[p->pos];
-    if (c == '"') {
-      p->pos++;
-      break;
-    }
-    if (c < 0x20) {
-      error_at (p, p->pos,
-                "expected escape sequence, not raw control character 0x%02x",
-                c);
-      goto fail;
-    }
-    if (c != '\\') {
-      size_t n = utf8_length (p->text + p->pos, p->len - p->pos);
-
-      if (n == 0) {
-        error_at (p, p->pos, "invalid UTF-8");
-        goto fail;
-      }
-      if (!sbuf_add (p, &b, p->text + p->pos, n))
-        goto fail;
-      p->pos += n;
-      continue;
-    }
-
-    /* An escape. */
-    p->pos++;
-    if (p->pos >= p->len) {
-      error_at (p, p->pos, "expected escape character before end of input");
-      goto fail;
-    }
-    c = p->text[p->pos++];
-    switch (c) {
-    case '"': case '\\': case '/':
-      if (!sbuf_add (p, &b, &c, 1)) goto fail;
-      break;
-    case 'b': if (!sbuf_add (p, &b, "\b", 1)) goto fail; break;
-    case 'f': if (!sbuf_add (p, &b, "\f", 1)) goto fail; break;
-    case 'n': if (!sbuf_add (p, &b, "\n", 1)) goto fail; break;
-    case 'r': if (!sbuf_add (p, &b, "\r", 1)) goto fail; break;
-    case 't': if (!sbuf_add (p, &b, "\t", 1)) goto fail; break;
-    case 'u': {
-      int32_t cp = parse_hex4 (p);
-      char utf8[4];
-
-      if (cp == -1)
-        goto fail;
-      if (cp == 0) {
-        error_at (p, start, "\\u0000 is not allowed in strings");
-        goto fail;
-      }
-      if (cp >= 0xdc00 && cp <= 0xdfff) {
-        error_at (p, start, "expected a high surrogate before \\u%04x", cp);
-        goto fail;
-      }
-      if (cp >= 0xd800 && cp <= 0xdbff) {
-        size_t low_start = p->pos;
-        int32_t low;
-
-        if (p->len - p->pos < 2 ||
-            p->text[p->pos] != '\\' || p->text[p->pos + 1] != 'u') {
-          error_at (p, p->pos,
-                    "expected a low surrogate escape after \\u%04x", cp);
-          goto fail;
-        }
-        p->pos += 2;
-        low = parse_hex4 (p);
-        if (low == -1)
-          goto fail;
-        if (low < 0xdc00 || low > 0xdfff) {
-          error_at (p, low_start,
-                    "expected a low surrogate after \\u%04x", cp);
-          goto fail;
-        }
-        cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
-      }
-      if (!sbuf_add (p, &b, utf8, utf8_encode (cp, utf8)))
-        goto fail;
-      break;
-    }
-    default:
-      error_at (p, p->pos - 1, "expected one of \"\\/bfnrtu after '\\'");
-      goto fail;
-    }
-  }
-
-  *lenp = b.len;
-  return b.s;
-
- fail:
-  free (b.s);
-  return NULL;
-}
-
-/* The "C" locale, for strtod_l: created once, never changed. */
-static locale_t c_locale;
-static pthread_once_t c_locale_once = PTHREAD_ONCE_INIT;
+static void error_at (char **errmsg, size_t pos, const char *fs, ...)
+  __attribute__ ((format (printf, 3, 4)));
 
 static void
-make_c_locale (void)
+error_at (char **errmsg, size_t pos, const char *fs, ...)
 {
-  c_locale = newlocale (LC_ALL_MASK, "C", (locale_t) 0);
+  va_list args;
+  char *what;
+
+  if (errmsg == NULL || *errmsg != NULL)
+    return;
+  va_start (args, fs);
+  if (vasprintf (&what, fs, args) == -1)
+    what = NULL;
+  va_end (args);
+  if (what == NULL)
+    return;                     /* Out of memory: *errmsg stays NULL. */
+  if (asprintf (errmsg, "at byte %zu: %s", pos, what) == -1)
+    *errmsg = NULL;
+  free (what);
 }
 
-static struct json *
-parse_number (struct parser *p)
+/* Parse text[0..len) with json-c, all of it.  A value that runs to the
+ * end (a number) is ended by a NUL byte, as json-c wants.  On error
+ * return NULL and set the error, at start + the offset where json-c
+ * stopped.
+ */
+static struct json_object *
+tokenise (struct json_tokener *tok, const char *text, size_t len,
+          size_t start, char **errmsg)
 {
-  size_t start = p->pos;
-  bool negative = false, integral = true, fits = true;
-  uint64_t mag = 0;             /* magnitude of the integer part */
-  struct json *v;
+  struct json_object *v;
+  enum json_tokener_error err;
+  size_t end;
 
-  if (p->pos < p->len && p->text[p->pos] == '-') {
-    negative = true;
-    p->pos++;
+  json_tokener_reset (tok);
+  v = json_tokener_parse_ex (tok, text, len);
+  err = json_tokener_get_error (tok);
+  end = json_tokener_get_parse_end (tok);
+  if (err == json_tokener_continue) {
+    v = json_tokener_parse_ex (tok, "", 1);
+    err = json_tokener_get_error (tok);
+    end = len;
   }
-  if (p->pos >= p->len ||
-      p->text[p->pos] < '0' || p->text[p->pos] > '9') {
-    error_at (p, p->pos, "expected digit%s", found (p));
+  if (err == json_tokener_success && end < len) {
+    json_object_put (v);                /* Not expected in strict mode. */
+    err = json_tokener_error_parse_unexpected;
+  }
+  if (err != json_tokener_success) {
+    error_at (errmsg, start + end, "%s", json_tokener_error_desc (err));
     return NULL;
-  }
-  if (p->text[p->pos] == '0')
-    p->pos++;                   /* A leading zero stands alone. */
-  else {
-    while (p->pos < p->len &&
-           p->text[p->pos] >= '0' && p->text[p->pos] <= '9') {
-      unsigned d = p->text[p->pos] - '0';
-
-      if (mag > (UINT64_MAX - d) / 10)
-        fits = false;
-      else
-        mag = mag * 10 + d;
-      p->pos++;
-    }
-  }
-  if (p->pos < p->len && p->text[p->pos] == '.') {
-    integral = false;
-    p->pos++;
-    if (p->pos >= p->len ||
-        p->text[p->pos] < '0' || p->text[p->pos] > '9') {
-      error_at (p, p->pos, "expected digit after '.'%s", found (p));
-      return NULL;
-    }
-    while (p->pos < p->len &&
-           p->text[p->pos] >= '0' && p->text[p->pos] <= '9')
-      p->pos++;
-  }
-  if (p->pos < p->len &&
-      (p->text[p->pos] == 'e' || p->text[p->pos] == 'E')) {
-    integral = false;
-    p->pos++;
-    if (p->pos < p->len &&
-        (p->text[p->pos] == '+' || p->text[p->pos] == '-'))
-      p->pos++;
-    if (p->pos >= p->len ||
-        p->text[p->pos] < '0' || p->text[p->pos] > '9') {
-      error_at (p, p->pos, "expected digit in exponent%s", found (p));
-      return NULL;
-    }
-    while (p->pos < p->len &&
-           p->text[p->pos] >= '0' && p->text[p->pos] <= '9')
-      p->pos++;
-  }
-
-  v = new_value (p, JSON_NUMBER);
-  if (v == NULL)
-    return NULL;
-
-  if (integral && fits &&
-      (negative ? mag <= (uint64_t) INT64_MAX + 1 : mag <= INT64_MAX)) {
-    v->is_integer = true;
-    /* -(INT64_MAX + 1) cannot be written as a negated int64_t. */
-    if (negative)
-      v->integer = mag == (uint64_t) INT64_MAX + 1
-        ? INT64_MIN : -(int64_t) mag;
-    else
-      v->integer = mag;
-    v->number = v->integer;
-  }
-  else {
-    /* The text was checked above: copy it to NUL-terminate it. */
-    size_t n = p->pos - start;
-    char *copy = malloc (n + 1);
-
-    if (copy == NULL) {
-      out_of_memory (p);
-      free (v);
-      return NULL;
-    }
-    memcpy (copy, p->text + start, n);
-    copy[n] = '\0';
-    pthread_once (&c_locale_once, make_c_locale);
-    errno = 0;
-    if (c_locale != (locale_t) 0)
-      v->number = strtod_l (copy, NULL, c_locale);
-    else
-      v->number = strtod (copy, NULL);
-    free (copy);
-    /* Underflow to zero or a denormal is harmless; overflow is not. */
-    if (isinf (v->number)) {
-      error_at (p, start, "number out of range");
-      free (v);
-      return NULL;
-    }
   }
   return v;
 }
 
-/* Match a literal word such as "true". */
-static bool
-parse_word (struct parser *p, const char *word)
+/* Length of the number at s[0..n) by the RFC 8259 grammar, or 0 if
+ * it does not follow it.  *integer says it has no fraction or exponent.
+ */
+static size_t
+number_length (const unsigned char *s, size_t n, bool *integer)
 {
-  size_t n = strlen (word);
+#define DIGIT(i) ((i) < n && s[i] >= '0' && s[i] <= '9')
+  size_t i = 0;
 
-  for (size_t i = 0; i < n; ++i) {
-    if (p->pos + i >= p->len) {
-      error_at (p, p->pos + i, "expected '%s' before end of input", word);
-      return false;
-    }
-    if (p->text[p->pos + i] != (unsigned char) word[i]) {
-      error_at (p, p->pos, "expected value");
-      return false;
-    }
+  *integer = true;
+  if (i < n && s[i] == '-')
+    i++;
+  if (i < n && s[i] == '0')
+    i++;                        /* A leading zero stands alone. */
+  else if (DIGIT (i))
+    while (DIGIT (i))
+      i++;
+  else
+    return 0;
+  if (i < n && s[i] == '.') {
+    *integer = false;
+    i++;
+    if (!DIGIT (i))
+      return 0;
+    while (DIGIT (i))
+      i++;
   }
-  p->pos += n;
-  return true;
+  if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+    *integer = false;
+    i++;
+    if (i < n && (s[i] == '+' || s[i] == '-'))
+      i++;
+    if (!DIGIT (i))
+      return 0;
+    while (DIGIT (i))
+      i++;
+  }
+  /* json-c took more: "01", "1.", "1.e5". */
+  if (DIGIT (i) || (i < n && s[i] != '\0' && strchr (".eE+-", s[i])))
+    return 0;
+  return i;
+#undef DIGIT
 }
 
-static struct json *parse_value (struct parser *p);
-
-/* Append item (and key for objects) to container v. */
+/* Whether the integer s[0..n) (by the grammar, so no leading zeros) is
+ * one json-c holds exactly: INT64_MIN to UINT64_MAX.
+ */
 static bool
-add_item (struct parser *p, struct json *v, size_t *alloc,
-          struct json *item, char *key)
+integer_fits (const unsigned char *s, size_t n)
 {
-  if (v->len == *alloc) {
-    size_t n = *alloc ? *alloc * 2 : 4;
-    struct json **items = realloc (v->items, n * sizeof *items);
+  const char *max = "18446744073709551615";
+  size_t maxlen;
 
-    if (items == NULL)
-      goto oom;
-    v->items = items;
-    if (v->type == JSON_OBJECT) {
-      char **keys = realloc (v->keys, n * sizeof *keys);
-
-      if (keys == NULL)
-        goto oom;
-      v->keys = keys;
-    }
-    *alloc = n;
+  if (s[0] == '-') {
+    s++;
+    n--;
+    max = "9223372036854775808";
   }
-  v->items[v->len] = item;
-  if (v->type == JSON_OBJECT)
-    v->keys[v->len] = key;
-  v->len++;
-  return true;
-
- oom:
-  out_of_memory (p);
-  json_free (item);
-  free (key);
-  return false;
+  maxlen = strlen (max);
+  return n < maxlen || (n == maxlen && memcmp (s, max, n) <= 0);
 }
 
-/* Parse an array or object starting at its opening bracket. */
-static struct json *
-parse_container (struct parser *p, enum json_type type)
+/* Check the number at text[start], by the grammar and its range.
+ * Return its length, or 0 after setting the error.
+ */
+static size_t
+check_number (struct json_tokener *tok, const char *text, size_t len,
+              size_t start, char **errmsg)
 {
-  const char close = type == JSON_ARRAY ? ']' : '}';
-  struct json *v;
-  size_t alloc = 0;
+  const unsigned char *s = (const unsigned char *) text + start;
+  bool integer, finite;
+  size_t n = number_length (s, len - start, &integer);
+  struct json_object *v;
 
-  if (p->depth >= JSON_MAX_DEPTH) {
-    error_at (p, p->pos, "nesting deeper than %d levels", JSON_MAX_DEPTH);
-    return NULL;
+  if (n == 0) {
+    error_at (errmsg, start, "number expected");
+    return 0;
   }
-  v = new_value (p, type);
+  if (integer) {
+    if (!integer_fits (s, n)) {
+      error_at (errmsg, start, "integer out of range");
+      return 0;
+    }
+    return n;
+  }
+  v = tokenise (tok, text + start, n, start, errmsg);
   if (v == NULL)
-    return NULL;
-  p->depth++;
-  p->pos++;                     /* '[' or '{' */
-
-  skip_space (p);
-  if (p->pos < p->len && p->text[p->pos] == close) {
-    p->pos++;
-    goto done;
+    return 0;
+  finite = isfinite (json_object_get_double (v));
+  json_object_put (v);
+  if (!finite) {
+    error_at (errmsg, start, "number out of range");
+    return 0;
   }
-  for (;;) {
-    char *key = NULL;
-    struct json *item;
+  return n;
+}
 
-    skip_space (p);
-    if (type == JSON_OBJECT) {
-      size_t keylen;
+/* Check the bytes of the string whose opening quote is text[start].
+ * Return the offset just past its closing quote, or 0 after setting
+ * the error.
+ */
+static size_t
+check_string (const char *text, size_t len, size_t start, char **errmsg)
+{
+  const unsigned char *s = (const unsigned char *) text;
+  size_t i = start + 1, n;
 
-      size_t at = p->pos;
-
-      if (p->pos >= p->len || p->text[p->pos] != '"') {
-        error_at (p, p->pos, "expected string key%s", found (p));
-        goto fail;
+  while (i < len && s[i] != '"') {
+    if (s[i] == '\\') {
+      if (len - i >= 6 && memcmp (s + i + 1, "u0000", 5) == 0) {
+        error_at (errmsg, i, "\\u0000 is not allowed in strings");
+        return 0;
       }
-      key = parse_string (p, &keylen);
-      if (key == NULL)
-        goto fail;
-      /* A key given twice is ambiguous (which one counts?): refused. */
-      for (size_t i = 0; i < v->len; ++i)
-        if (strcmp (v->keys[i], key) == 0) {
-          error_at (p, at, "duplicate key \"%s\"", key);
-          free (key);
-          goto fail;
-        }
-      skip_space (p);
-      if (p->pos >= p->len || p->text[p->pos] != ':') {
-        error_at (p, p->pos, "expected ':'%s", found (p));
-        free (key);
-        goto fail;
-      }
-      p->pos++;
+      i += 2;           /* The escaped character; \u's digits are ASCII. */
     }
-    item = parse_value (p);
-    if (item == NULL) {
-      free (key);
-      goto fail;
+    else if (s[i] < 0x20) {
+      error_at (errmsg, i, "control character 0x%02x must be escaped",
+                s[i]);
+      return 0;
     }
-    if (!add_item (p, v, &alloc, item, key))
-      goto fail;
+    else if ((n = utf8_length (s + i, len - i)) == 0) {
+      error_at (errmsg, i, "invalid UTF-8");
+      return 0;
+    }
+    else
+      i += n;
+  }
+  if (i >= len) {
+    error_at (errmsg, len, "unexpected end of data");  /* Not expected. */
+    return 0;
+  }
+  return i + 1;
+}
 
-    skip_space (p);
-    if (p->pos < p->len && p->text[p->pos] == ',') {
-      p->pos++;
-      continue;
-    }
-    if (p->pos < p->len && p->text[p->pos] == close) {
-      p->pos++;
+/* The key text[start..end), a string token, met in an object whose
+ * keys so far are in the set seen (a json-c object): refuse it if it
+ * is there, else add it.  json-c decodes it, so "a" and "\u0061" are
+ * the same key.  Return 0 or -1 (error set, or out of memory).
+ */
+static int
+check_key (struct json_tokener *tok, const char *text, size_t start,
+           size_t end, struct json_object *seen, char **errmsg)
+{
+  struct json_object *k = tokenise (tok, text + start, end - start, start,
+                                    errmsg);
+  const char *key;
+  int r = -1;
+
+  if (k == NULL)
+    return -1;
+  key = json_object_get_string (k);
+  if (json_object_object_get_ex (seen, key, NULL))
+    error_at (errmsg, start, "repeated key \"%s\"", key);
+  else
+    r = json_object_object_add (seen, key, NULL);
+  json_object_put (k);
+  return r;
+}
+
+/* The checks that json-c's strict mode leaves to us (see the top of
+ * this file), over text[0..len) that json-c has accepted.  Return 0,
+ * or -1 (error set, or out of memory).
+ */
+static int
+check_text (struct json_tokener *tok, const char *text, size_t len,
+            char **errmsg)
+{
+  /* For each open container: the keys met so far in it if it is an
+   * object (as a json-c object), NULL if it is an array.
+   */
+  struct json_object *keys[JSON_MAX_DEPTH];
+  int depth = 0;
+  bool want_key = false;        /* the next string is a key */
+  size_t i = 0, n;
+  int r = -1;
+
+  while (i < len) {
+    switch (text[i]) {
+    case '{': case '[':
+      if (depth == JSON_MAX_DEPTH) {
+        error_at (errmsg, i, "nesting too deep");   /* Not expected. */
+        goto out;
+      }
+      want_key = text[i] == '{';
+      keys[depth] = want_key ? json_object_new_object () : NULL;
+      if (want_key && keys[depth] == NULL)
+        goto out;
+      depth++;
+      i++;
       break;
+    case '}': case ']':
+      if (depth > 0)
+        json_object_put (keys[--depth]);
+      i++;
+      break;
+    case ',':
+      want_key = depth > 0 && keys[depth - 1] != NULL;
+      i++;
+      break;
+    case '"':
+      n = check_string (text, len, i, errmsg);
+      if (n == 0)
+        goto out;
+      if (want_key && depth > 0 &&
+          check_key (tok, text, i, n, keys[depth - 1], errmsg) == -1)
+        goto out;
+      want_key = false;
+      i = n;
+      break;
+    case '-': case '0': case '1': case '2': case '3': case '4':
+    case '5': case '6': case '7': case '8': case '9':
+      n = check_number (tok, text, len, i, errmsg);
+      if (n == 0)
+        goto out;
+      i += n;
+      break;
+    case 't': case 'f': case 'n':       /* true, false, null */
+      while (i < len && text[i] >= 'a' && text[i] <= 'z')
+        i++;
+      break;
+    case ' ': case '\t': case '\n': case '\r': case ':':
+      i++;
+      break;
+    default:                            /* NaN, Infinity */
+      error_at (errmsg, i, "unexpected character");
+      goto out;
     }
-    error_at (p, p->pos, "expected ',' or '%c'%s", close, found (p));
-    goto fail;
   }
+  r = 0;
 
- done:
-  p->depth--;
-  return v;
-
- fail:
-  p->depth--;
-  json_free (v);
-  return NULL;
+ out:
+  while (depth > 0)
+    json_object_put (keys[--depth]);
+  return r;
 }
 
-/* Parse one value, with white space before it. */
-static struct json *
-parse_value (struct parser *p)
-{
-  struct json *v;
-
-  skip_space (p);
-  if (p->pos >= p->len) {
-    error_at (p, p->pos, "expected value before end of input");
-    return NULL;
-  }
-  switch (p->text[p->pos]) {
-  case '{':
-    return parse_container (p, JSON_OBJECT);
-  case '[':
-    return parse_container (p, JSON_ARRAY);
-  case '"': {
-    size_t len;
-    char *s = parse_string (p, &len);
-
-    if (s == NULL)
-      return NULL;
-    v = new_value (p, JSON_STRING);
-    if (v == NULL) {
-      free (s);
-      return NULL;
-    }
-    v->string = s;
-    v->len = len;
-    return v;
-  }
-  case 't':
-    if (!parse_word (p, "true"))
-      return NULL;
-    v = new_value (p, JSON_BOOL);
-    if (v)
-      v->boolean = true;
-    return v;
-  case 'f':
-    if (!parse_word (p, "false"))
-      return NULL;
-    v = new_value (p, JSON_BOOL);
-    if (v)
-      v->boolean = false;
-    return v;
-  case 'n':
-    if (!parse_word (p, "null"))
-      return NULL;
-    return new_value (p, JSON_NULL);
-  case '-': case '0': case '1': case '2': case '3': case '4':
-  case '5': case '6': case '7': case '8': case '9':
-    return parse_number (p);
-  default:
-    error_at (p, p->pos, "expected value");
-    return NULL;
-  }
-}
-
-struct json *
+struct json_object *
 json_parse (const char *text, size_t len, char **errmsg)
 {
-  struct parser p = {
-    .text = (const unsigned char *) text, .len = len,
-  };
-  struct json *v;
+  struct json_tokener *tok;
+  struct json_object *v = NULL;
+  const char *nul = memchr (text, '\0', len);
+  char *err = NULL;
 
-  v = parse_value (&p);
-  if (v != NULL) {
-    skip_space (&p);
-    if (p.pos < p.len) {
-      error_at (&p, p.pos, "expected end of input");
-      json_free (v);
+  if (nul)
+    error_at (&err, nul - text, "NUL byte");
+  else if (len >= INT_MAX)
+    error_at (&err, 0, "text too long");
+  else if ((tok = json_tokener_new_ex (JSON_MAX_DEPTH)) != NULL) {
+    json_tokener_set_flags (tok, JSON_TOKENER_STRICT);
+    v = tokenise (tok, text, len, 0, &err);
+    if (v && check_text (tok, text, len, &err) == -1) {
+      json_object_put (v);
       v = NULL;
     }
+    json_tokener_free (tok);
   }
-  /* p.errmsg is NULL unless v is NULL. */
+  /* err is NULL unless v is NULL. */
   if (errmsg)
-    *errmsg = p.errmsg;
+    *errmsg = err;
   else
-    free (p.errmsg);
+    free (err);
   return v;
 }
 
 void
-json_free (struct json *v)
+json_free (struct json_object *v)
 {
-  if (v == NULL)
-    return;
-  for (size_t i = 0; i < v->len && v->items; ++i) {
-    json_free (v->items[i]);
-    if (v->keys)
-      free (v->keys[i]);
-  }
-  free (v->items);
-  free (v->keys);
-  free (v->string);
-  free (v);
-}
-
-const struct json *
-json_get (const struct json *v, const char *key)
-{
-  if (v == NULL || v->type != JSON_OBJECT)
-    return NULL;
-  /* Keys are unique (json_parse). */
-  for (size_t i = v->len; i > 0; --i)
-    if (strcmp (v->keys[i - 1], key) == 0)
-      return v->items[i - 1];
-  return NULL;
-}
-
-const char *
-json_get_string (const struct json *v, const char *key)
-{
-  const struct json *m = json_get (v, key);
-
-  return m && m->type == JSON_STRING ? m->string : NULL;
+  json_object_put (v);
 }
 
 bool
-json_get_int (const struct json *v, const char *key, int64_t *out)
+json_has (const struct json_object *v, const char *key)
 {
-  const struct json *m = json_get (v, key);
+  return json_object_object_get_ex (v, key, NULL);
+}
 
-  if (m == NULL || m->type != JSON_NUMBER || !m->is_integer)
+const struct json_object *
+json_get (const struct json_object *v, const char *key)
+{
+  struct json_object *m;
+
+  return json_object_object_get_ex (v, key, &m) ? m : NULL;
+}
+
+const char *
+json_get_string (const struct json_object *v, const char *key)
+{
+  const struct json_object *m = json_get (v, key);
+
+  if (!json_object_is_type (m, json_type_string))
+    return NULL;
+  return json_object_get_string ((struct json_object *) m);
+}
+
+bool
+json_get_int (const struct json_object *v, const char *key, int64_t *out)
+{
+  const struct json_object *m = json_get (v, key);
+  int64_t i;
+
+  if (!json_object_is_type (m, json_type_int))
     return false;
-  *out = m->integer;
+  /* Above INT64_MAX json-c holds a uint64_t, and gives INT64_MAX. */
+  i = json_object_get_int64 (m);
+  if (i == INT64_MAX && json_object_get_uint64 (m) != (uint64_t) INT64_MAX)
+    return false;
+  *out = i;
   return true;
 }
 
 bool
-json_get_bool (const struct json *v, const char *key, bool *out)
+json_get_number (const struct json_object *v, const char *key, double *out)
 {
-  const struct json *m = json_get (v, key);
+  const struct json_object *m = json_get (v, key);
 
-  if (m == NULL || m->type != JSON_BOOL)
+  if (!json_object_is_type (m, json_type_int) &&
+      !json_object_is_type (m, json_type_double))
     return false;
-  *out = m->boolean;
+  *out = json_object_get_double (m);
+  return true;
+}
+
+bool
+json_get_bool (const struct json_object *v, const char *key, bool *out)
+{
+  const struct json_object *m = json_get (v, key);
+
+  if (!json_object_is_type (m, json_type_boolean))
+    return false;
+  *out = json_object_get_boolean (m);
   return true;
 }
 
@@ -769,115 +496,89 @@ jw_init (struct jw *w)
   memset (w, 0, sizeof *w);
 }
 
+/* Add v, which the writer now owns (NULL is null), as the next value. */
 static void
-jw_append (struct jw *w, const char *s, size_t n)
+jw_put (struct jw *w, struct json_object *v)
 {
-  if (w->error)
-    return;
-  if (w->len + n + 1 > w->alloc) {
-    size_t alloc = w->alloc ? w->alloc : 64;
-    char *buf;
+  struct json_object *top;
+  char *key = w->key;
+  int r = -1;
 
-    while (w->len + n + 1 > alloc)
-      alloc *= 2;
-    buf = realloc (w->buf, alloc);
-    if (buf == NULL) {
-      w->error = true;
+  w->key = NULL;
+  if (w->error)
+    ;
+  else if (w->depth == 0) {
+    if (!w->has_root) {                 /* Not a second value. */
+      w->root = v;
+      w->has_root = true;
       return;
     }
-    w->buf = buf;
-    w->alloc = alloc;
   }
-  memcpy (w->buf + w->len, s, n);
-  w->len += n;
-  w->buf[w->len] = '\0';
+  else if (json_object_is_type (top = w->open[w->depth - 1],
+                                json_type_array))
+    r = json_object_array_add (top, v); /* (jw_key refuses keys here) */
+  else if (key != NULL && !json_object_object_get_ex (top, key, NULL))
+    r = json_object_object_add (top, key, v);
+  free (key);
+  if (r == -1) {
+    w->error = true;
+    json_object_put (v);
+  }
 }
 
+/* jw_put for a value just made: NULL means out of memory. */
 static void
-jw_puts (struct jw *w, const char *s)
+jw_add (struct jw *w, struct json_object *v)
 {
-  jw_append (w, s, strlen (s));
+  if (v == NULL)
+    w->error = true;
+  else
+    jw_put (w, v);
 }
 
-/* Called before every value: checks the value is allowed here and
- * writes the comma that separates it from the previous array element.
+/* A malloc'd copy of s with U+FFFD for each byte that is not part of a
+ * well-formed UTF-8 sequence (json-c would copy it as it is).
  */
-static void
-jw_before_value (struct jw *w)
-{
-  if (w->error)
-    return;
-  if (w->depth == 0) {
-    if (w->len > 0)             /* A second top-level value. */
-      w->error = true;
-    return;
-  }
-  if (w->in_object[w->depth - 1]) {
-    if (!w->after_key)          /* A member value needs jw_key first. */
-      w->error = true;
-    w->after_key = false;
-    return;
-  }
-  if (!w->first[w->depth - 1])
-    jw_puts (w, ",");
-  w->first[w->depth - 1] = false;
-}
-
-/* Write s as a JSON string.  Bytes that are not well-formed UTF-8 are
- * replaced by U+FFFD so that the output is always valid JSON.
- */
-static void
-jw_quoted (struct jw *w, const char *str)
+static char *
+utf8_copy (const char *str)
 {
   const unsigned char *s = (const unsigned char *) str;
-  size_t n = strlen (str);
+  size_t n = strlen (str), len;
+  char *out = malloc (3 * n + 1), *p = out;
 
-  jw_puts (w, "\"");
-  while (n > 0) {
-    size_t run = 0, len;
-
-    /* Copy the longest run of bytes that need no escaping. */
-    while (run < n && s[run] >= 0x20 && s[run] != '"' && s[run] != '\\' &&
-           (len = utf8_length (s + run, n - run)) != 0)
-      run += len;
-    jw_append (w, (const char *) s, run);
-    s += run;
-    n -= run;
-    if (n == 0)
-      break;
-
-    if (*s == '"')
-      jw_puts (w, "\\\"");
-    else if (*s == '\\')
-      jw_puts (w, "\\\\");
-    else if (*s < 0x20) {
-      char esc[8];
-
-      snprintf (esc, sizeof esc, "\\u%04x", *s);
-      jw_puts (w, esc);
+  if (out == NULL)
+    return NULL;
+  for (size_t i = 0; i < n; i += len) {
+    len = utf8_length (s + i, n - i);
+    if (len == 0) {
+      memcpy (p, "\xef\xbf\xbd", 3);
+      p += 3;
+      len = 1;
     }
-    else
-      jw_puts (w, "\xef\xbf\xbd");      /* U+FFFD for a bad byte */
-    s++;
-    n--;
+    else {
+      memcpy (p, s + i, len);
+      p += len;
+    }
   }
-  jw_puts (w, "\"");
+  *p = '\0';
+  return out;
 }
 
 static void
 jw_begin (struct jw *w, bool object)
 {
-  jw_before_value (w);
+  struct json_object *c;
+
   if (w->error)
     return;
-  if (w->depth >= JSON_MAX_DEPTH) {
+  if (w->depth == JSON_MAX_DEPTH) {
     w->error = true;
     return;
   }
-  jw_puts (w, object ? "{" : "[");
-  w->in_object[w->depth] = object;
-  w->first[w->depth] = true;
-  w->depth++;
+  c = object ? json_object_new_object () : json_object_new_array ();
+  jw_add (w, c);
+  if (!w->error)
+    w->open[w->depth++] = c;
 }
 
 static void
@@ -885,13 +586,13 @@ jw_end (struct jw *w, bool object)
 {
   if (w->error)
     return;
-  if (w->depth == 0 || w->in_object[w->depth - 1] != object ||
-      w->after_key) {
+  if (w->depth == 0 || w->key != NULL ||
+      json_object_is_type (w->open[w->depth - 1], json_type_object) !=
+      object) {
     w->error = true;
     return;
   }
   w->depth--;
-  jw_puts (w, object ? "}" : "]");
 }
 
 void
@@ -923,112 +624,95 @@ jw_key (struct jw *w, const char *key)
 {
   if (w->error)
     return;
-  if (key == NULL || w->depth == 0 || !w->in_object[w->depth - 1] ||
-      w->after_key) {
+  if (key == NULL || w->depth == 0 || w->key != NULL ||
+      !json_object_is_type (w->open[w->depth - 1], json_type_object)) {
     w->error = true;
     return;
   }
-  if (!w->first[w->depth - 1])
-    jw_puts (w, ",");
-  w->first[w->depth - 1] = false;
-  jw_quoted (w, key);
-  jw_puts (w, ":");
-  w->after_key = true;
+  w->key = utf8_copy (key);
+  if (w->key == NULL)
+    w->error = true;
 }
 
 void
 jw_string (struct jw *w, const char *s)
 {
+  char *copy;
+
   if (s == NULL) {
     jw_null (w);
     return;
   }
-  jw_before_value (w);
-  jw_quoted (w, s);
+  copy = utf8_copy (s);
+  jw_add (w, copy ? json_object_new_string (copy) : NULL);
+  free (copy);
 }
 
 void
 jw_int (struct jw *w, int64_t i)
 {
-  char buf[32];
-
-  jw_before_value (w);
-  snprintf (buf, sizeof buf, "%" PRIi64, i);
-  jw_puts (w, buf);
+  jw_add (w, json_object_new_int64 (i));
 }
 
 void
 jw_uint (struct jw *w, uint64_t u)
 {
-  char buf[32];
-
-  jw_before_value (w);
-  snprintf (buf, sizeof buf, "%" PRIu64, u);
-  jw_puts (w, buf);
+  jw_add (w, json_object_new_uint64 (u));
 }
 
-/* Format d with prec significant digits into out, always with '.' as
- * the decimal point whatever the locale.
+/* The "C" locale, for formatting doubles: created once, never
+ * changed.
  */
+static locale_t c_locale;
+static pthread_once_t c_locale_once = PTHREAD_ONCE_INIT;
+
 static void
-format_double (char *out, size_t outlen, double d, int prec)
+make_c_locale (void)
 {
-  char buf[64];
-  size_t j = 0;
-
-  snprintf (buf, sizeof buf, "%.*g", prec, d);
-  /* Keep the characters of the JSON grammar and put '.' in place of
-   * anything else (the locale's decimal point, perhaps multibyte).
-   */
-  for (size_t i = 0; buf[i] != '\0' && j < outlen - 1; ++i) {
-    char c = buf[i];
-
-    if ((c >= '0' && c <= '9') || c == '-' || c == '+' ||
-        c == 'e' || c == 'E')
-      out[j++] = c;
-    else if (j == 0 || out[j - 1] != '.')
-      out[j++] = '.';
-  }
-  out[j] = '\0';
+  c_locale = newlocale (LC_ALL_MASK, "C", (locale_t) 0);
 }
 
 void
 jw_double (struct jw *w, double d)
 {
-  char out[64];
+  char out[32];
+  locale_t old;
 
-  jw_before_value (w);
-  if (w->error)
-    return;
-  if (!isfinite (d)) {          /* JSON has no NaN or infinity. */
+  pthread_once (&c_locale_once, make_c_locale);
+  if (!isfinite (d) ||          /* JSON has no NaN or infinity. */
+      c_locale == (locale_t) 0) {
     w->error = true;
     return;
   }
-  pthread_once (&c_locale_once, make_c_locale);
+  old = uselocale (c_locale);
   /* 17 significant digits always read back as the same double; fewer
    * often do and look better (0.1 rather than 0.10000000000000001).
    */
   for (int prec = 15; prec <= 17; ++prec) {
-    format_double (out, sizeof out, d, prec);
-    if (prec == 17 || c_locale == (locale_t) 0 ||
-        strtod_l (out, NULL, c_locale) == d)
+    snprintf (out, sizeof out, "%.*g", prec, d);
+    if (strtod (out, NULL) == d)
       break;
   }
-  jw_puts (w, out);
+  uselocale (old);
+  jw_add (w, json_object_new_double_s (d, out));
 }
 
 void
 jw_bool (struct jw *w, bool b)
 {
-  jw_before_value (w);
-  jw_puts (w, b ? "true" : "false");
+  jw_add (w, json_object_new_boolean (b));
 }
 
 void
 jw_null (struct jw *w)
 {
-  jw_before_value (w);
-  jw_puts (w, "null");
+  jw_put (w, NULL);
+}
+
+void
+jw_value (struct jw *w, const struct json_object *v)
+{
+  jw_put (w, json_object_get ((struct json_object *) v));
 }
 
 char *
@@ -1036,10 +720,14 @@ jw_finish (struct jw *w)
 {
   char *ret = NULL;
 
-  /* Complete means exactly one top-level value, every container closed. */
-  if (!w->error && w->depth == 0 && w->len > 0) {
-    ret = w->buf;
-    w->buf = NULL;
+  /* Complete means one top-level value, every container closed. */
+  if (!w->error && w->depth == 0 && w->has_root) {
+    const char *text =
+      json_object_to_json_string_ext (w->root,
+                                      JSON_C_TO_STRING_PLAIN |
+                                      JSON_C_TO_STRING_NOSLASHESCAPE);
+    if (text)
+      ret = strdup (text);
   }
   jw_free (w);
   return ret;
@@ -1048,6 +736,7 @@ jw_finish (struct jw *w)
 void
 jw_free (struct jw *w)
 {
-  free (w->buf);
+  json_object_put (w->root);
+  free (w->key);
   jw_init (w);
 }

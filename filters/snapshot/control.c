@@ -176,7 +176,7 @@ checkpoint_reply (size_t i)
 /* ---- Commands ---- */
 
 static char *
-cmd_list (const struct json *req)
+cmd_list (const struct json_object *req)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
   struct jw w;
@@ -214,7 +214,7 @@ cmd_list (const struct json *req)
 
 /* The "name" member, validated.  On error return NULL and set *reply. */
 static const char *
-get_name (const struct json *req, char **reply)
+get_name (const struct json_object *req, char **reply)
 {
   const char *name = json_get_string (req, "name");
   const char *why;
@@ -232,7 +232,7 @@ get_name (const struct json *req, char **reply)
 }
 
 static char *
-cmd_info (const struct json *req)
+cmd_info (const struct json_object *req)
 {
   ACQUIRE_RDLOCK_FOR_CURRENT_SCOPE (&store.lock);
   char *reply = NULL;
@@ -248,18 +248,18 @@ cmd_info (const struct json *req)
 }
 
 static char *
-cmd_create (const struct json *req)
+cmd_create (const struct json_object *req)
 {
   char *reply = NULL;
   const char *name = get_name (req, &reply);
   CLEANUP_FREE char *errmsg = NULL;
   bool bitmap_only = false;
-  const struct json *v = json_get (req, "bitmap_only");
   ssize_t i;
 
   if (name == NULL || (reply = refuse_changes ()) != NULL)
     return reply;
-  if (v && !json_get_bool (req, "bitmap_only", &bitmap_only))
+  if (json_has (req, "bitmap_only") &&
+      !json_get_bool (req, "bitmap_only", &bitmap_only))
     return error_reply ("invalid request: \"bitmap_only\" must be true "
                         "or false");
   i = store_create_checkpoint (name, bitmap_only, origin_flush, &errmsg);
@@ -352,7 +352,7 @@ check_output (const char *output)
 }
 
 static char *
-cmd_delete (const struct json *req)
+cmd_delete (const struct json_object *req)
 {
   char *reply = NULL;
   const char *name = get_name (req, &reply);
@@ -367,7 +367,7 @@ cmd_delete (const struct json *req)
 
   if (name == NULL || (reply = refuse_changes ()) != NULL)
     return reply;
-  if (json_get (req, "keep_bitmap") &&
+  if (json_has (req, "keep_bitmap") &&
       !json_get_bool (req, "keep_bitmap", &keep_bitmap))
     return error_reply ("invalid request: \"keep_bitmap\" must be true "
                         "or false");
@@ -424,7 +424,7 @@ cmd_delete (const struct json *req)
 }
 
 static char *
-cmd_revert (const struct json *req)
+cmd_revert (const struct json_object *req)
 {
   char *reply = NULL;
   const char *name = get_name (req, &reply);
@@ -551,7 +551,7 @@ list_one_job (const struct job *j, void *opaque)
 }
 
 static char *
-cmd_jobs (const struct json *req)
+cmd_jobs (const struct json_object *req)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
   struct jw w;
@@ -570,7 +570,7 @@ cmd_jobs (const struct json *req)
 
 /* The "job" member: a job id. */
 static bool
-get_job_id (const struct json *req, uint64_t *id, char **reply)
+get_job_id (const struct json_object *req, uint64_t *id, char **reply)
 {
   int64_t v;
 
@@ -583,7 +583,7 @@ get_job_id (const struct json *req, uint64_t *id, char **reply)
 }
 
 static char *
-cmd_cancel (const struct json *req)
+cmd_cancel (const struct json_object *req)
 {
   CLEANUP_FREE char *errmsg = NULL;
   char *reply = NULL;
@@ -608,17 +608,16 @@ cmd_cancel (const struct json *req)
  * (control_thread), which holds the client's later requests until then.
  */
 static char *
-cmd_wait (const struct json *req)
+cmd_wait (const struct json_object *req)
 {
   char *reply = NULL;
-  const struct json *t = json_get (req, "timeout_ms");
   int64_t ms = 1000;
   uint64_t id;
 
   if (!get_job_id (req, &id, &reply))
     return reply;
-  if (t && (!json_get_int (req, "timeout_ms", &ms) || ms < 0 ||
-            ms > WAIT_MAX_MS))
+  if (json_has (req, "timeout_ms") &&
+      (!json_get_int (req, "timeout_ms", &ms) || ms < 0 || ms > WAIT_MAX_MS))
     return error_reply ("invalid request: \"timeout_ms\" must be 0 to %d",
                         WAIT_MAX_MS);
   {
@@ -641,11 +640,10 @@ cmd_wait (const struct json *req)
  * debug flag it is an unknown command.
  */
 static char *
-cmd_job_release (const struct json *req)
+cmd_job_release (const struct json_object *req)
 {
   CLEANUP_FREE char *errmsg = NULL;
   char *reply = NULL;
-  const struct json *s = json_get (req, "steps");
   int64_t steps = -1;
   uint64_t id;
 
@@ -653,7 +651,8 @@ cmd_job_release (const struct json *req)
     return error_reply ("unknown command 'job-release'");
   if (!get_job_id (req, &id, &reply))
     return reply;
-  if (s && (!json_get_int (req, "steps", &steps) || steps < 0))
+  if (json_has (req, "steps") &&
+      (!json_get_int (req, "steps", &steps) || steps < 0))
     return error_reply ("invalid request: \"steps\" must be 0 or more");
   if (job_release (id, steps, &errmsg) == -1)
     return error_reply ("%s", errmsg ? errmsg : "out of memory");
@@ -665,7 +664,7 @@ cmd_job_release (const struct json *req)
 
 static const struct {
   const char *name;
-  char *(*fn) (const struct json *req);
+  char *(*fn) (const struct json_object *req);
 } commands[] = {
   { "list", cmd_list },
   { "info", cmd_info },
@@ -683,7 +682,7 @@ static char *
 handle_request (const char *line, size_t len)
 {
   CLEANUP_FREE char *errmsg = NULL;
-  struct json *req;
+  struct json_object *req;
   const char *cmd;
   char *reply = NULL;
 
@@ -691,7 +690,7 @@ handle_request (const char *line, size_t len)
   if (req == NULL)
     return error_reply ("invalid request: %s",
                         errmsg ? errmsg : "out of memory");
-  if (req->type != JSON_OBJECT) {
+  if (!json_object_is_type (req, json_type_object)) {
     json_free (req);
     return error_reply ("invalid request: expected a JSON object");
   }

@@ -20,7 +20,6 @@
 #include "cleanup.h"
 #include "control.h"
 #include "job.h"
-#include "json.h"
 #include "origin.h"
 #include "store.h"
 #include "util.h"

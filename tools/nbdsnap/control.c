@@ -195,7 +195,7 @@ bad_reply (const struct command *cmd, const char *what)
   snap_error ("%s: invalid reply from the server: %s", cmd->name, what);
 }
 
-struct json *
+struct json_object *
 control_request (const struct command *cmd, struct jw *req)
 {
   CLEANUP_FREE char *request = NULL;
@@ -203,7 +203,7 @@ control_request (const struct command *cmd, struct jw *req)
   CLEANUP_FREE char *line = NULL;
   CLEANUP_FREE char *err = NULL;
   CLEANUP_CLOSE int fd = -1;
-  struct json *reply;
+  struct json_object *reply;
   size_t len;
   bool ok;
 
@@ -231,7 +231,8 @@ control_request (const struct command *cmd, struct jw *req)
     bad_reply (cmd, err ? err : "out of memory");
     return NULL;
   }
-  if (reply->type != JSON_OBJECT || !json_get_bool (reply, "ok", &ok)) {
+  if (!json_object_is_type (reply, json_type_object) ||
+      !json_get_bool (reply, "ok", &ok)) {
     bad_reply (cmd, "no boolean \"ok\"");
     json_free (reply);
     return NULL;
@@ -281,9 +282,9 @@ plain_request (struct jw *req, const struct command *cmd, char **operands)
 int
 control_print (const struct command *cmd, struct jw *req, FILE *out,
                int (*print) (const struct command *cmd,
-                             const struct json *reply, FILE *out))
+                             const struct json_object *reply, FILE *out))
 {
-  struct json *reply = control_request (cmd, req);
+  struct json_object *reply = control_request (cmd, req);
   int r;
 
   if (reply == NULL)

@@ -38,11 +38,12 @@ bool job_wait = false;
 
 static int start_job (const struct command *cmd, struct jw *req, FILE *out,
                       int (*print) (const struct command *cmd,
-                                    const struct json *reply, FILE *out));
+                                    const struct json_object *reply,
+                                    FILE *out));
 
 /* Print one job for humans. */
 static void
-print_job (FILE *out, const struct json *j)
+print_job (FILE *out, const struct json_object *j)
 {
   int64_t id = 0, done = 0, total = 0, rate = 0;
   const char *kind = json_get_string (j, "kind");
@@ -50,8 +51,8 @@ print_job (FILE *out, const struct json *j)
   const char *state = json_get_string (j, "state");
   const char *strategy = json_get_string (j, "strategy");
   const char *error = json_get_string (j, "error");
-  const struct json *eta = json_get (j, "eta_seconds");
   char h1[32], h2[32], h3[32];
+  double eta;
   bool paced;
 
   json_get_int (j, "id", &id);
@@ -64,9 +65,9 @@ print_job (FILE *out, const struct json *j)
            state ? state : "?",
            human_size (h1, sizeof h1, done), human_size (h2, sizeof h2, total),
            human_size (h3, sizeof h3, rate));
-  if (eta && eta->type == JSON_NUMBER && state &&
+  if (json_get_number (j, "eta_seconds", &eta) && state &&
       strcmp (state, "running") == 0)
-    fprintf (out, ", %.0f s left", eta->number);
+    fprintf (out, ", %.0f s left", eta);
   if (json_get_bool (j, "paced", &paced) && paced)
     fprintf (out, ", held to snapshot-job-rate while clients are busy");
   if (error)
@@ -75,13 +76,13 @@ print_job (FILE *out, const struct json *j)
 }
 
 static int
-print_job_reply (const struct command *cmd, const struct json *reply,
+print_job_reply (const struct command *cmd, const struct json_object *reply,
                  FILE *out)
 {
-  const struct json *j = json_get (reply, "job");
+  const struct json_object *j = json_get (reply, "job");
   int64_t cb, sb, mb;
 
-  if (j == NULL || j->type != JSON_OBJECT) {
+  if (!json_object_is_type (j, json_type_object)) {
     bad_reply (cmd, "missing object \"job\"");
     return -1;
   }
@@ -112,7 +113,7 @@ print_job_reply (const struct command *cmd, const struct json *reply,
 
 /* A snapshot's delete starts a job; a bitmap-only one is just gone. */
 static int
-print_deleted (const struct command *cmd, const struct json *reply,
+print_deleted (const struct command *cmd, const struct json_object *reply,
                FILE *out)
 {
   if (json_get (reply, "job"))
@@ -187,18 +188,21 @@ run_revert (const struct command *cmd, char **operands, FILE *out)
 }
 
 int
-print_jobs (const struct command *cmd, const struct json *reply, FILE *out)
+print_jobs (const struct command *cmd, const struct json_object *reply,
+            FILE *out)
 {
-  const struct json *list = json_get (reply, "jobs");
+  const struct json_object *list = json_get (reply, "jobs");
+  size_t n;
 
-  if (list == NULL || list->type != JSON_ARRAY) {
+  if (!json_object_is_type (list, json_type_array)) {
     bad_reply (cmd, "missing array \"jobs\"");
     return -1;
   }
-  if (list->len == 0)
+  n = json_object_array_length (list);
+  if (n == 0)
     fprintf (out, "no jobs\n");
-  for (size_t i = 0; i < list->len; ++i)
-    print_job (out, list->items[i]);
+  for (size_t i = 0; i < n; ++i)
+    print_job (out, json_object_array_get_idx (list, i));
   return 0;
 }
 
@@ -236,10 +240,10 @@ run_cancel (const struct command *cmd, char **operands, FILE *out)
 }
 
 /* Ask for the job list.  NULL after printing an error. */
-static struct json *
-get_jobs (const struct command *cmd, const struct json **list)
+static struct json_object *
+get_jobs (const struct command *cmd, const struct json_object **list)
 {
-  struct json *reply;
+  struct json_object *reply;
   struct jw req;
 
   jw_init (&req);
@@ -251,7 +255,7 @@ get_jobs (const struct command *cmd, const struct json **list)
   if (reply == NULL)
     return NULL;
   *list = json_get (reply, "jobs");
-  if (*list == NULL || (*list)->type != JSON_ARRAY) {
+  if (!json_object_is_type (*list, json_type_array)) {
     bad_reply (cmd, "missing array \"jobs\"");
     json_free (reply);
     return NULL;
@@ -266,7 +270,7 @@ get_jobs (const struct command *cmd, const struct json **list)
 static int
 wait_for_job (const struct command *cmd, int64_t id, int ms)
 {
-  struct json *reply;
+  struct json_object *reply;
   struct jw req;
 
   jw_init (&req);
@@ -285,19 +289,20 @@ wait_for_job (const struct command *cmd, int64_t id, int ms)
   return 0;
 }
 
-static const struct json *
-find_job (const struct json *list, int64_t id)
+static const struct json_object *
+find_job (const struct json_object *list, int64_t id)
 {
-  for (size_t i = 0; i < list->len; ++i) {
+  for (size_t i = 0; i < json_object_array_length (list); ++i) {
+    const struct json_object *j = json_object_array_get_idx (list, i);
     int64_t v;
-    if (json_get_int (list->items[i], "id", &v) && v == id)
-      return list->items[i];
+    if (json_get_int (j, "id", &v) && v == id)
+      return j;
   }
   return NULL;
 }
 
 static bool
-is_running (const struct json *j)
+is_running (const struct json_object *j)
 {
   const char *state = json_get_string (j, "state");
   return state && strcmp (state, "running") == 0;
@@ -310,7 +315,7 @@ is_running (const struct json *j)
  */
 static int
 wait_for_jobs (const struct command *cmd, const int64_t *ids, size_t nids,
-               struct json **reply, const struct json **list,
+               struct json_object **reply, const struct json_object **list,
                struct progress *progress)
 {
   for (;;) {
@@ -318,7 +323,7 @@ wait_for_jobs (const struct command *cmd, const int64_t *ids, size_t nids,
     bool running = false;
 
     for (size_t k = 0; k < nids; ++k) {
-      const struct json *j = find_job (*list, ids[k]);
+      const struct json_object *j = find_job (*list, ids[k]);
       int64_t d = 0, t = 0;
       if (j && is_running (j)) {
         running = true;
@@ -348,7 +353,8 @@ wait_for_jobs (const struct command *cmd, const int64_t *ids, size_t nids,
  * with its line (stdout is dropped on error).  Return 0 or -1.
  */
 static int
-job_outcome (const struct command *cmd, int64_t id, const struct json *j)
+job_outcome (const struct command *cmd, int64_t id,
+             const struct json_object *j)
 {
   const char *state = json_get_string (j, "state");
 
@@ -364,11 +370,11 @@ job_outcome (const struct command *cmd, int64_t id, const struct json *j)
  * is done, else end the bar's line for the errors job_outcome prints.
  */
 static void
-end_progress (struct progress *progress, const struct json *list,
+end_progress (struct progress *progress, const struct json_object *list,
               const int64_t *ids, size_t nids)
 {
   for (size_t k = 0; k < nids; ++k) {
-    const struct json *j = find_job (list, ids[k]);
+    const struct json_object *j = find_job (list, ids[k]);
     const char *state = j ? json_get_string (j, "state") : "done";
 
     if (state == NULL || strcmp (state, "done") != 0) {
@@ -386,8 +392,8 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
   CLEANUP_FREE int64_t *ids = NULL;
   size_t nids = 0;
   int ret = 0;
-  struct json *reply;
-  const struct json *list;
+  struct json_object *reply;
+  const struct json_object *list;
   struct jw w;
 
   if (progress_init (&progress) == -1)
@@ -396,7 +402,7 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
   reply = get_jobs (cmd, &list);
   if (reply == NULL)
     return -1;
-  ids = calloc (list->len + 1, sizeof *ids);
+  ids = calloc (json_object_array_length (list) + 1, sizeof *ids);
   if (ids == NULL) {
     snap_error ("calloc: %m");
     json_free (reply);
@@ -413,9 +419,11 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
     nids = 1;
   }
   else
-    for (size_t i = 0; i < list->len; ++i)
-      if (is_running (list->items[i]))
-        json_get_int (list->items[i], "id", &ids[nids++]);
+    for (size_t i = 0; i < json_object_array_length (list); ++i) {
+      const struct json_object *j = json_object_array_get_idx (list, i);
+      if (is_running (j))
+        json_get_int (j, "id", &ids[nids++]);
+    }
 
   if (wait_for_jobs (cmd, ids, nids, &reply, &list, &progress) == -1)
     return -1;
@@ -429,12 +437,12 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
     jw_begin_array (&w);
   }
   for (size_t k = 0; k < nids; ++k) {
-    const struct json *j = find_job (list, ids[k]);
+    const struct json_object *j = find_job (list, ids[k]);
 
     if (j == NULL)
       continue;                 /* gone from the history: long done */
     if (json_output)
-      write_json_value (&w, j);
+      jw_value (&w, j);
     else
       print_job (out, j);
     if (job_outcome (cmd, ids[k], j) == -1)
@@ -463,11 +471,11 @@ run_wait (const struct command *cmd, char **operands, FILE *out)
 static int
 start_job (const struct command *cmd, struct jw *req, FILE *out,
            int (*print) (const struct command *cmd,
-                         const struct json *reply, FILE *out))
+                         const struct json_object *reply, FILE *out))
 {
   struct progress progress;
-  struct json *reply, *jobs;
-  const struct json *list, *j;
+  struct json_object *reply, *jobs;
+  const struct json_object *list, *j;
   int64_t id;
   int r;
 
@@ -513,7 +521,7 @@ start_job (const struct command *cmd, struct jw *req, FILE *out,
       jw_init (&w);
       jw_begin_object (&w);
       jw_key (&w, "job");
-      write_json_value (&w, j);
+      jw_value (&w, j);
       jw_end_object (&w);
       text = jw_finish (&w);
       if (text)

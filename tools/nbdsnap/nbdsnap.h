@@ -48,7 +48,7 @@ struct command {
   /* For control-socket commands using run_control: print a successful
    * reply for humans.  Return 0 or -1.
    */
-  int (*print) (const struct command *cmd, const struct json *reply,
+  int (*print) (const struct command *cmd, const struct json_object *reply,
                 FILE *out);
 };
 
@@ -71,15 +71,15 @@ extern char *control_socket_path (void);
  * including an error reply, is printed as "nbdsnap: WHAT: WHY" (WHAT
  * is cmd->name for errors from the server) and gives NULL.
  */
-extern struct json *control_request (const struct command *cmd,
-                                     struct jw *req);
+extern struct json_object *control_request (const struct command *cmd,
+                                            struct jw *req);
 /* Send *req (consumed) and print the reply with print, or as JSON
  * with --json.  Return 0 or -1.
  */
 extern int control_print (const struct command *cmd, struct jw *req,
                           FILE *out,
                           int (*print) (const struct command *cmd,
-                                        const struct json *reply,
+                                        const struct json_object *reply,
                                         FILE *out));
 /* Report a reply that lacks what the command needs. */
 extern void bad_reply (const struct command *cmd, const char *what);
@@ -155,23 +155,21 @@ extern int run_revert (const struct command *cmd, char **operands,
 extern int run_cancel (const struct command *cmd, char **operands,
                        FILE *out);
 extern int run_wait (const struct command *cmd, char **operands, FILE *out);
-extern int print_jobs (const struct command *cmd, const struct json *reply,
-                       FILE *out);
+extern int print_jobs (const struct command *cmd,
+                       const struct json_object *reply, FILE *out);
 
 /* output.c */
-/* Write a parsed value back out with w. */
-extern void write_json_value (struct jw *w, const struct json *v);
 /* Print reply minus its "ok" member as one line of JSON. */
 extern int print_json_reply (const struct command *cmd,
-                             const struct json *reply, FILE *out);
+                             const struct json_object *reply, FILE *out);
 /* Human output of list, info, create and delete replies. */
 extern int print_delete (const struct command *cmd,
-                         const struct json *reply, FILE *out);
-extern int print_list (const struct command *cmd, const struct json *reply,
-                       FILE *out);
-extern int print_info (const struct command *cmd, const struct json *reply,
-                       FILE *out);
+                         const struct json_object *reply, FILE *out);
+extern int print_list (const struct command *cmd,
+                       const struct json_object *reply, FILE *out);
+extern int print_info (const struct command *cmd,
+                       const struct json_object *reply, FILE *out);
 extern int print_create (const struct command *cmd,
-                         const struct json *reply, FILE *out);
+                         const struct json_object *reply, FILE *out);
 
 #endif /* NBDSNAP_H */

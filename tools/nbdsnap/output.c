@@ -16,46 +16,8 @@
 
 /* ---- JSON ---- */
 
-void
-write_json_value (struct jw *w, const struct json *v)
-{
-  switch (v->type) {
-  case JSON_NULL:
-    jw_null (w);
-    break;
-  case JSON_BOOL:
-    jw_bool (w, v->boolean);
-    break;
-  case JSON_NUMBER:
-    if (v->is_integer)
-      jw_int (w, v->integer);
-    else
-      jw_double (w, v->number);
-    break;
-  case JSON_STRING:
-    jw_string (w, v->string);
-    break;
-  case JSON_ARRAY:
-    jw_begin_array (w);
-    for (size_t i = 0; i < v->len; ++i)
-      write_json_value (w, v->items[i]);
-    jw_end_array (w);
-    break;
-  case JSON_OBJECT:
-    jw_begin_object (w);
-    for (size_t i = 0; i < v->len; ++i) {
-      jw_key (w, v->keys[i]);
-      write_json_value (w, v->items[i]);
-    }
-    jw_end_object (w);
-    break;
-  default:
-    abort ();
-  }
-}
-
 int
-print_json_reply (const struct command *cmd, const struct json *reply,
+print_json_reply (const struct command *cmd, const struct json_object *reply,
                   FILE *out)
 {
   struct jw w;
@@ -63,11 +25,13 @@ print_json_reply (const struct command *cmd, const struct json *reply,
 
   jw_init (&w);
   jw_begin_object (&w);
-  for (size_t i = 0; i < reply->len; ++i) {
-    if (strcmp (reply->keys[i], "ok") == 0)
-      continue;
-    jw_key (&w, reply->keys[i]);
-    write_json_value (&w, reply->items[i]);
+  {
+    json_object_object_foreach ((struct json_object *) reply, key, value) {
+      if (strcmp (key, "ok") != 0) {
+        jw_key (&w, key);
+        jw_value (&w, value);
+      }
+    }
   }
   jw_end_object (&w);
   text = jw_finish (&w);
@@ -100,7 +64,7 @@ struct checkpoint {
 };
 
 static bool
-need_string (const struct command *cmd, const struct json *v,
+need_string (const struct command *cmd, const struct json_object *v,
              const char *key, const char **out)
 {
   *out = json_get_string (v, key);
@@ -115,7 +79,7 @@ need_string (const struct command *cmd, const struct json *v,
 }
 
 static bool
-need_count (const struct command *cmd, const struct json *v,
+need_count (const struct command *cmd, const struct json_object *v,
             const char *key, uint64_t *out)
 {
   int64_t i;
@@ -132,13 +96,13 @@ need_count (const struct command *cmd, const struct json *v,
 }
 
 static int
-get_checkpoint (const struct command *cmd, const struct json *v,
+get_checkpoint (const struct command *cmd, const struct json_object *v,
                 struct checkpoint *cp)
 {
   const char *iso;
   int64_t created;
 
-  if (v == NULL || v->type != JSON_OBJECT) {
+  if (!json_object_is_type (v, json_type_object)) {
     bad_reply (cmd, "a checkpoint is not an object");
     return -1;
   }
@@ -182,23 +146,27 @@ format_changed (char *buf, size_t len, const struct checkpoint *cp)
 }
 
 int
-print_list (const struct command *cmd, const struct json *reply, FILE *out)
+print_list (const struct command *cmd, const struct json_object *reply,
+            FILE *out)
 {
-  const struct json *list = json_get (reply, "checkpoints");
+  const struct json_object *list = json_get (reply, "checkpoints");
   struct checkpoint *cps;
   int name_w = 4, kind_w = 4, created_w = 7;   /* the headings */
+  size_t n;
 
-  if (list == NULL || list->type != JSON_ARRAY) {
+  if (!json_object_is_type (list, json_type_array)) {
     bad_reply (cmd, "missing array \"checkpoints\"");
     return -1;
   }
-  cps = calloc (list->len ? list->len : 1, sizeof *cps);
+  n = json_object_array_length (list);
+  cps = calloc (n ? n : 1, sizeof *cps);
   if (cps == NULL) {
     snap_error ("calloc: %m");
     return -1;
   }
-  for (size_t i = 0; i < list->len; ++i) {
-    if (get_checkpoint (cmd, list->items[i], &cps[i]) == -1) {
+  for (size_t i = 0; i < n; ++i) {
+    if (get_checkpoint (cmd, json_object_array_get_idx (list, i),
+                        &cps[i]) == -1) {
       free (cps);
       return -1;
     }
@@ -210,7 +178,7 @@ print_list (const struct command *cmd, const struct json *reply, FILE *out)
   fprintf (out, "%-*s  %-*s  %-*s  %-9s  %s\n",
            name_w, "NAME", kind_w, "KIND", created_w, "CREATED", "SPACE",
            "CHANGED");
-  for (size_t i = 0; i < list->len; ++i) {
+  for (size_t i = 0; i < n; ++i) {
     char changed[64], space[32];
 
     format_changed (changed, sizeof changed, &cps[i]);
@@ -219,7 +187,7 @@ print_list (const struct command *cmd, const struct json *reply, FILE *out)
              created_w, cps[i].created,
              human_size (space, sizeof space, cps[i].disk_bytes), changed);
   }
-  for (size_t i = 0; i < list->len; ++i)
+  for (size_t i = 0; i < n; ++i)
     if (cps[i].invalidated)
       fprintf (out, "%s: snapshot invalidated at %s (the store was full)\n",
                cps[i].name, cps[i].invalidated);
@@ -235,7 +203,8 @@ print_list (const struct command *cmd, const struct json *reply, FILE *out)
 }
 
 int
-print_info (const struct command *cmd, const struct json *reply, FILE *out)
+print_info (const struct command *cmd, const struct json_object *reply,
+            FILE *out)
 {
   struct checkpoint cp;
   char h1[32], h2[32];
@@ -265,7 +234,7 @@ print_info (const struct command *cmd, const struct json *reply, FILE *out)
 }
 
 int
-print_create (const struct command *cmd, const struct json *reply,
+print_create (const struct command *cmd, const struct json_object *reply,
               FILE *out)
 {
   struct checkpoint cp;
@@ -281,7 +250,7 @@ print_create (const struct command *cmd, const struct json *reply,
 }
 
 int
-print_delete (const struct command *cmd, const struct json *reply,
+print_delete (const struct command *cmd, const struct json_object *reply,
               FILE *out)
 {
   const char *name;
