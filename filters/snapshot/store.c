@@ -36,7 +36,10 @@ store_lock (const char *dir)
   CLEANUP_FREE char *lockpath = NULL;
   pthread_rwlockattr_t attr;
 
-  if (mkdir (dir, 0700) == -1 && errno != EEXIST) {
+  /* A store whose name a power loss could take would start afresh,
+   * without the snapshots it had.
+   */
+  if (mkdir_durable (dir, 0700) == -1) {
     nbdkit_error ("snapshot-store=%s: cannot create the store directory: %m",
                   dir);
     return -1;
