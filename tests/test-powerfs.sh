@@ -10,11 +10,6 @@ source ./functions.sh
 set -e
 set -x
 
-requires python3 --version
-requires_root
-[ -c /dev/fuse ] && [ -r /dev/fuse ] && [ -w /dev/fuse ] ||
-    skip "/dev/fuse is not usable"
-powerfs="$abs_top_builddir/tests/powerfs/powerfs"
-[ -x "$powerfs" ] || skip "powerfs not built (libfuse3 not found)"
+requires_powerfs
 
 python3 "$abs_top_srcdir/tests/powerfs/test-powerfs.py" "$powerfs" "$tmp"

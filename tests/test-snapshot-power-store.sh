@@ -12,12 +12,7 @@ source ./functions.sh
 set -e
 set -x
 
-requires python3 --version
-requires_root
-[ -c /dev/fuse ] && [ -r /dev/fuse ] && [ -w /dev/fuse ] ||
-    skip "/dev/fuse is not usable"
-powerfs="$abs_top_builddir/tests/powerfs/powerfs"
-[ -x "$powerfs" ] || skip "powerfs not built (libfuse3 not found)"
+requires_powerfs
 
 origin=$tmp/origin.img
 mnt=$tmp/mnt
