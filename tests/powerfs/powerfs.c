@@ -306,14 +306,30 @@ dir_clear (struct dir *d)
 static void
 inode_maybe_free (struct inode *n)
 {
-  if (n == NULL || n->ino == FUSE_ROOT_ID || n->nlookup || n->nopen ||
+  if (n == NULL || n->ino == FUSE_ROOT_ID || n->nopen ||
       n->cur_links || n->dur_links)
     return;
-  inodes[n->ino] = NULL;
+  /* No name and not open: nothing can reach the contents again, even
+   * if the kernel still caches the inode (after a crash it may do so
+   * until memory runs short).
+   */
   data_free (&n->cur);
   data_free (&n->dur);
   dir_clear (&n->dcur);
+  /* A removed directory's durable entries (unsynced unlinks in it)
+   * no longer keep anything.
+   */
+  for (size_t i = 0; i < n->ddur.n; ++i) {
+    struct inode *c = inodes[n->ddur.e[i].ino];
+    if (c) {
+      c->dur_links--;
+      inode_maybe_free (c);
+    }
+  }
   dir_clear (&n->ddur);
+  if (n->nlookup)
+    return;
+  inodes[n->ino] = NULL;
   free (n->target);
   free (n);
 }
