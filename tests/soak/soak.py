@@ -30,8 +30,8 @@
 # FUSE file system that keeps apart what was synced: after each kill
 # the power goes too (powerfs drops every unsynced page and directory
 # change, or keeps each with a chance of 20, 50 or 80%, in whole 4 KiB
-# pages), and nbdkit restarts with another boot id (its own mount
-# namespace, where a file is bound over /proc/sys/kernel/random/boot_id).
+# pages), and nbdkit restarts as in another boot (the boot id the store
+# recorded is replaced by another one).
 # The model needs nothing more: it already allows an unflushed write to
 # read old or new, and takes nothing else as certain.  Extra marks are
 # counted as before; "newly marked" are those an export did not have at
@@ -74,17 +74,13 @@ class Server:
     """One nbdkit with the snapshot filter over the file plugin."""
 
     def __init__(self, top, workdir, mode, block_size, job_delay,
-                 datadir=None, boot_id=None):
+                 datadir=None):
         self.filter = os.path.join(
             top, "filters/snapshot/.libs/nbdkit-snapshot-filter.so")
         self.workdir = workdir
         datadir = datadir or workdir
         self.origin = os.path.join(datadir, "origin.img")
         self.store = os.path.join(datadir, "store")
-        # Power-loss mode: nbdkit runs in a mount namespace of its own
-        # where this file is the kernel's boot id, so that each power
-        # loss is followed by "another boot".
-        self.boot_id = boot_id
         self.sock = os.path.join(workdir, "nbd.sock")
         self.pidfile = os.path.join(workdir, "nbdkit.pid")
         self.logfile = os.path.join(workdir, "nbdkit.log")
@@ -107,11 +103,6 @@ class Server:
                "snapshot-block-size=%d" % self.block_size,
                "-D", "snapshot.job_delay=%d" % self.job_delay,
                "-D", "snapshot.intent_clear_ms=0"]
-        if self.boot_id:
-            cmd = ["unshare", "--mount", "--propagation", "private", "--",
-                   "sh", "-c", 'mount --bind "$0" '
-                   '/proc/sys/kernel/random/boot_id && exec "$@"',
-                   self.boot_id] + cmd
         with open(self.logfile, "a") as lf:
             lf.write("----- start %d: %s\n" % (self.starts, " ".join(cmd)))
             lf.flush()
@@ -303,14 +294,11 @@ class Soak:
                 origin[i * chunk:(i + 1) * chunk] = bytes(chunk)
         self.power = None
         if args.power_loss:
-            # The origin and the store on powerfs; the boot id nbdkit
-            # sees changes at each power loss.
+            # The origin and the store on powerfs.
             self.power = PowerFS(os.path.join(args.top, "tests/powerfs/powerfs"),
                                  os.path.join(workdir, "mnt"))
-            boot_id = os.path.join(workdir, "boot_id")
-            self.new_boot(boot_id)
             self.server = Server(args.top, workdir, mode, self.bs, job_delay,
-                                 self.power.mnt, boot_id)
+                                 self.power.mnt)
         else:
             self.server = Server(args.top, workdir, mode, self.bs, job_delay)
         with open(self.server.origin, "wb") as f:
@@ -336,9 +324,20 @@ class Soak:
             "%sdir %s" % (mode, seed, self.size // MIB, self.bs, job_delay,
                           "power loss, " if self.power else "", workdir))
 
-    def new_boot(self, path):
-        with open(path, "w") as f:
-            f.write("%s\n" % uuid.UUID(bytes=self.rng.randbytes(16)))
+    def new_boot(self):
+        """The next start is in another boot: the boot the store records
+        (boot-id, written by the filter) is not the kernel's.  (A mount
+        namespace with a file bound over the kernel's boot id would do
+        it without touching the store, but would hold copies of every
+        mount of the machine, other tests' too, while nbdkit runs.)"""
+        path = os.path.join(self.server.store, "boot-id")
+        if not os.path.exists(path):
+            return      # none recorded: taken as another boot
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"%s\n" % str(uuid.UUID(
+            bytes=self.rng.randbytes(16))).encode())
+        os.fsync(fd)
+        os.close(fd)
 
     # Each power loss keeps every unsynced page and directory change
     # with one of these chances (in percent): none, some, most.
@@ -354,7 +353,7 @@ class Soak:
         self.stats["power_losses"] += 1
         self.stats["pages_kept"] += kept
         self.stats["pages_dropped"] += dropped
-        self.new_boot(self.server.boot_id)
+        self.new_boot()
 
     def trace(self, msg):
         self.tracef.write("%d: %s\n" % (self.round, msg))
