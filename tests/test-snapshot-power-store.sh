@@ -19,25 +19,7 @@ mnt=$tmp/mnt
 store=$mnt/store
 sock=$tmp/nbd.sock
 
-mkdir $mnt
-coproc POWERFS { "$powerfs" "$mnt"; }
-powerfs_pid=$POWERFS_PID
-powerfs_in=${POWERFS[1]}
-powerfs_out=${POWERFS[0]}
-# At EOF on its stdin powerfs unmounts itself and exits.
-unmount () { exec {powerfs_in}>&-; wait $powerfs_pid; }
-cleanup_fn unmount
-read -r -u $powerfs_out line
-test "$line" = ready
-
-# power_loss: every unsynced page and directory change is lost.
-power_loss ()
-{
-    echo "crash 0 1" >&$powerfs_in
-    read -r -u $powerfs_out line
-    echo "$line"
-    [[ "$line" = crashed* ]]
-}
+mount_powerfs $mnt
 
 make_origin $origin 16M
 start_store
