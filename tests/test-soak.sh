@@ -16,6 +16,14 @@
 # replays a run.  SOAK_ROUNDS (rounds per mode, default 100),
 # SOAK_MINUTES (instead of rounds) and SOAK_MODE (row, cbw or both)
 # change the run; "make check-soak SOAK_MINUTES=30" runs a long one.
+#
+# Then the same soak with power loss (--power-loss): the origin and the
+# store on tests/powerfs, a file system that keeps only what was synced
+# (and, at random, some of what was not); each kill is followed by a
+# crash of the file system and a restart in "another boot".  The same
+# checks.  SOAK_POWER_ROUNDS (default 150) or SOAK_POWER_MINUTES
+# (default SOAK_MINUTES) size it; it needs root, /dev/fuse and powerfs
+# (built when libfuse3 is found), and is left out without them.
 
 source ./functions.sh
 set -e
@@ -31,13 +39,29 @@ args=(--mode "${SOAK_MODE:-both}" --tmpdir "$tmp" --top "$abs_top_builddir")
 if [ -n "${SOAK_SEED-}" ]; then
     args+=(--seed "$SOAK_SEED")
 fi
+power_args=("${args[@]}" --power-loss)
 if [ -n "${SOAK_MINUTES-}" ]; then
     args+=(--minutes "$SOAK_MINUTES")
+    power_args+=(--minutes "${SOAK_POWER_MINUTES:-$SOAK_MINUTES}")
 else
     args+=(--rounds "${SOAK_ROUNDS:-100}")
+    if [ -n "${SOAK_POWER_MINUTES-}" ]; then
+        power_args+=(--minutes "$SOAK_POWER_MINUTES")
+    else
+        power_args+=(--rounds "${SOAK_POWER_ROUNDS:-150}")
+    fi
 fi
 
 # A short run that starts with the self-test, then the soak.
 python3 "$abs_top_srcdir/tests/soak/soak.py" --self-test --mode both \
         --rounds 5 --tmpdir "$tmp" --top "$abs_top_builddir" ${SOAK_SEED:+--seed "$SOAK_SEED"}
 python3 "$abs_top_srcdir/tests/soak/soak.py" "${args[@]}"
+
+# With power loss, where powerfs can be mounted.
+if [ "$(id -u)" -ne 0 ] || ! [ -c /dev/fuse ] ||
+   ! [ -x "$abs_top_builddir/tests/powerfs/powerfs" ]; then
+    echo "$0: power-loss soak left out: needs root, /dev/fuse and" \
+         "tests/powerfs (libfuse3)"
+    exit 0
+fi
+python3 "$abs_top_srcdir/tests/soak/soak.py" "${power_args[@]}"

@@ -155,8 +155,12 @@ expected (const struct manifest *m, const char *name, const struct stat *st,
     *why = "not named by the manifest (no checkpoint has this map)";
     return is_map (m, id);
   case STORE_FILE_REVERT_MAP:
+    /* The map of a revert that has ended (an id below next_id) holds
+     * no data: the filter deletes it at its next start.
+     */
     *why = "not named by the manifest (no revert job has this id)";
-    return m->job.kind == JOB_REVERT && m->job.id == id;
+    return (m->job.kind == JOB_REVERT && m->job.id == id) ||
+      id < m->next_id;
   case STORE_FILE_CONTROL:
     /* A socket, or the symlink to one elsewhere (snapshot-control). */
     *why = "not a socket or a symbolic link";

@@ -7,8 +7,10 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <libgen.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -120,6 +122,18 @@ fsync_dir (const char *dir)
   if (fd == -1)
     return -1;
   return fsync (fd);
+}
+
+int
+mkdir_durable (const char *dir, mode_t mode)
+{
+  CLEANUP_FREE char *copy = strdup (dir);
+
+  if (copy == NULL)
+    return -1;
+  if (mkdir (dir, mode) == -1 && errno != EEXIST)
+    return -1;
+  return fsync_dir (dirname (copy));
 }
 
 int

@@ -82,6 +82,13 @@ extern int write_file_atomic (const char *dir, const char *name,
 /* fsync the directory dir.  Return 0, or -1 with errno set. */
 extern int fsync_dir (const char *dir);
 
+/* Make directory dir (mode) if it does not exist, and fsync the
+ * directory that holds it, so that its name survives a power loss
+ * (also when an earlier run made it and stopped before that sync).
+ * Return 0, or -1 with errno set.
+ */
+extern int mkdir_durable (const char *dir, mode_t mode);
+
 /* Checkpoint and snapshot names: 1 to 64 of [A-Za-z0-9._-], not
  * starting with '.' or '-'.  Return NULL if name is valid, or a static
  * string saying why not (for "invalid name '%s': %s").

@@ -290,22 +290,44 @@ revert_before_write (nbdkit_next *next, uint64_t first, uint64_t last,
   return 0;
 }
 
-/* Make revert_done durable (on a client's flush: a page it wrote must
- * not be copied back over after a restart).  Return 0, or -1 with
- * errno set.
+/* Make revert_done durable: on a client's flush or FUA write (a page
+ * it wrote must not be copied back over after a restart), before a
+ * checkpoint, and at a clean stop.  Return 0, or -1 with errno set.
+ *
+ * Order: take the bits first (mapfile_collect copies them), then flush
+ * the origin (the client's context next, if given, and the filter's
+ * own, which the job writes through), then write and sync the map.  A
+ * bit says that the origin holds the page's final contents, so it may
+ * reach the disk only after the origin's write of that page has: a bit
+ * set after the collect (by the job, or by a client's write that is
+ * not flushed yet) waits for the next save, and its origin write may
+ * land after the flush.  Taking the bits after the flush would sync
+ * such a bit over a page the origin may still lose: after a power loss
+ * the resumed revert would skip it, and the live volume would read the
+ * origin's old page there.
  */
 static int
-revert_save (void)
+revert_save (nbdkit_next *next)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.revert_lock);
   struct mapfile_batch batch = { 0 };
-  int r;
+  int r = -1, err = 0;
 
   if (store.revert_fd == -1)
     return 0;
   if (mapfile_collect (&store.revert_done, &batch) == -1)
     return -1;
+  if (batch.n > 0) {
+    if (next && next->can_flush (next) == 1 &&
+        next->flush (next, 0, &err) == -1) {
+      errno = err ? err : EIO;
+      goto out;
+    }
+    if (origin_flush () == -1)
+      goto out;
+  }
   r = mapfile_write (store.revert_fd, &batch);
+ out:
   if (r == -1) {
     int e = errno;
     mapfile_batch_restore (&store.revert_done, &batch);
@@ -375,7 +397,7 @@ cbw_write (nbdkit_next *next, enum op op, const void *buf, uint32_t count,
   if (store.nlayers > 0 || reverting)
     rangelock_release (&store.pages, &r);
   if (ret == 0 && reverting && (flags & NBDKIT_FLAG_FUA) &&
-      revert_save () == -1) {
+      revert_save (next) == -1) {
     *err = errno;
     nbdkit_error ("flush: saving the revert's progress: %m");
     ret = -1;
@@ -416,7 +438,7 @@ cbw_flush (nbdkit_next *next, uint32_t flags, int *err)
 {
   if (origin_client_flush (next, flags, err) == -1)
     return -1;
-  if (store.revert_depth >= 0 && revert_save () == -1) {
+  if (store.revert_depth >= 0 && revert_save (next) == -1) {
     *err = errno;
     nbdkit_error ("flush: saving the revert's progress: %m");
     return -1;
@@ -450,7 +472,7 @@ cbw_flush_live (int (*flush_origin) (void))
   /* As a client's flush (cbw_flush): during a revert, the pages clients
    * wrote must not be copied back over after a restart.
    */
-  if (store.revert_depth >= 0 && revert_save () == -1)
+  if (store.revert_depth >= 0 && revert_save (NULL) == -1)
     return -1;
   return 0;
 }
@@ -763,7 +785,7 @@ cbw_plan (struct job *j, char **errmsg)
 static void
 cbw_close (void)
 {
-  if (store.revert_fd >= 0 && revert_save () == -1)
+  if (store.revert_fd >= 0 && revert_save (NULL) == -1)
     nbdkit_error ("snapshot: saving the revert's progress: %m");
   revert_close ();
 }

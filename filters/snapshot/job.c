@@ -67,7 +67,7 @@ job_set_end_notify (void (*fn) (void))
  * say they may go, and the next start deletes them.)  Used by the job
  * thread only.
  */
-static char *doomed[4];
+static char *doomed[64];
 static size_t ndoomed;
 
 void
@@ -114,10 +114,10 @@ abandon_job (struct job *j)
 int
 job_undo_end (struct job *j, struct manifest *saved, char **errmsg)
 {
-  int e = errno;
+  int e;
 
-  manifest_free (&store.m);
-  store.m = *saved;
+  store_restore (saved);
+  e = errno;
   set_errmsg (errmsg, "finishing the delete of '%s': %s", j->name,
               strerror (e));
   errno = e;

@@ -98,7 +98,10 @@ struct kind {
                          char **errmsg);
   int (*plan) (struct job *j, char **errmsg);
 
-  /* At a clean stop, after the last client (may be NULL). */
+  /* At a clean stop, after the last client and the job, while the
+   * origin is still open; called again by store_close, where it must do
+   * nothing more (may be NULL).
+   */
   void (*close) (void);
 };
 

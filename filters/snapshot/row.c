@@ -301,6 +301,101 @@ commit_cannot_cancel (struct job *j, char **errmsg)
               j->lower < 0 ? "origin" : "layer");
 }
 
+/* ---- Layers no snapshot separates ----
+ *
+ * Two neighbouring layers are told apart only by a snapshot bound to
+ * the upper one (the layer it started).  A job that leaves the live top
+ * layer with no snapshot bound to it above another layer would leave
+ * layers that every view reads together, one more each time: a commit
+ * of the newest snapshot starts a new top layer that outlives it, and a
+ * revert starts one above the layers it makes unread.  So each ends
+ * with one layer there, in the same manifest save.
+ */
+
+/* Whether a snapshot is bound to layer index i (reads the layers below
+ * it and not i).
+ */
+static bool
+layer_starts_snapshot (size_t i)
+{
+  for (size_t c = 0; c < store.m.nckpts; ++c)
+    if (store.m.ckpts[c].kind == CKPT_SNAPSHOT &&
+        store.m.ckpts[c].layer == store.layers[i]->id)
+      return true;
+  return false;
+}
+
+/* Drop layers [a, b) from the manifest, and bind the snapshots bound
+ * to one of them to layer b instead (their views are unchanged: no
+ * view reads those layers).
+ */
+static int
+manifest_drop_layers (size_t a, size_t b)
+{
+  for (size_t i = a; i < b; ++i) {
+    uint64_t id = store.layers[i]->id;
+
+    manifest_remove_layer (&store.m, id);
+    if (store_drop_id (id) == -1)
+      return -1;
+    for (size_t c = 0; c < store.m.nckpts; ++c)
+      if (store.m.ckpts[c].kind == CKPT_SNAPSHOT &&
+          store.m.ckpts[c].layer == id)
+        store.m.ckpts[c].layer = store.layers[b]->id;
+  }
+  return 0;
+}
+
+/* After the commit of upper into lower (clients held): if the live top
+ * layer is the one the job started above upper, no snapshot is bound to
+ * it, so it would stay beside lower with nothing between them.  Copy
+ * its pages (what clients wrote while the job ran) into lower too, and
+ * set *absorb: the save that ends the job drops it with upper, and
+ * lower becomes the live top layer.  Every view that can be opened and
+ * reads lower reads the top layer above it, so the copy changes none.
+ */
+static int
+commit_absorb_top (struct job *j, bool *absorb)
+{
+  const size_t top = store.nlayers - 1;
+  static char buf[CHUNK_PAGES * PAGE_SIZE_BYTES];
+  struct layer *t, *lo;
+
+  *absorb = false;
+  if (j->lower < 0 || top != j->upper + 1 || layer_starts_snapshot (top))
+    return 0;
+  t = store.layers[top];
+  lo = store.layers[j->lower];
+  for (uint64_t p = sbitmap_find_next_set (&t->map, 0); p < store.npages; ) {
+    uint64_t q = MIN (sbitmap_find_next_clear (&t->map, p),
+                      MIN (p + CHUNK_PAGES, store.npages));
+
+    if (full_pread (t->data_fd, buf, run_len (p, q), run_off (p)) == -1 ||
+        layer_put (lo, buf, p, q) == -1)
+      return -1;
+    p = sbitmap_find_next_set (&t->map, q);
+  }
+  if (layer_flush (lo) == -1)
+    return -1;
+  *absorb = true;
+  return 0;
+}
+
+/* lower is the live top layer again: clients write it, so its map is
+ * open for writing.
+ */
+static int
+reopen_top_map (struct layer *l)
+{
+  CLEANUP_FREE char *path = layer_path (l->id, "map");
+
+  if (l->map_fd >= 0)
+    return 0;
+  if (path == NULL || (l->map_fd = open (path, O_RDWR | O_CLOEXEC)) == -1)
+    return -1;
+  return 0;
+}
+
 /* ---- Stream: lower's pages (or the origin's) that upper lacks ---- */
 
 static bool
@@ -396,6 +491,7 @@ finish_delete (struct job *j, char **errmsg)
   ssize_t ci = manifest_find_checkpoint (&store.m, j->name);
   struct manifest saved;
   ssize_t drop = -1;
+  bool absorb = false;
 
   assert (ci >= 0);
   if (manifest_dup (&store.m, &saved) == -1) {
@@ -406,9 +502,17 @@ finish_delete (struct job *j, char **errmsg)
 
   if (j->strategy == STRATEGY_COMMIT) {
     /* Upper's pages are all in lower now. */
+    if (commit_absorb_top (j, &absorb) == -1)
+      goto err;
     manifest_remove_layer (&store.m, store.layers[j->upper]->id);
     if (store_drop_id (store.layers[j->upper]->id) == -1)
       goto err;
+    if (absorb) {
+      uint64_t top_id = store.layers[j->upper + 1]->id;
+      manifest_remove_layer (&store.m, top_id);
+      if (store_drop_id (top_id) == -1)
+        goto err;
+    }
     drop = j->upper;
   }
   else {
@@ -445,7 +549,16 @@ finish_delete (struct job *j, char **errmsg)
          link_output (origin_file (), j->output) == -1))
       goto err;
   }
-  return job_end_delete (j, ci, drop, &saved, errmsg);
+  if (job_end_delete (j, ci, drop, &saved, errmsg) == -1)
+    return -1;
+  if (absorb) {
+    /* The absorbed top layer is now where upper was. */
+    job_drop_layer (j->upper);
+    if (reopen_top_map (store.layers[store.nlayers - 1]) == -1)
+      nbdkit_error ("snapshot: layer %" PRIu64 ": opening its map to take "
+                    "writes: %m", store.layers[store.nlayers - 1]->id);
+  }
+  return 0;
 
  err:
   return job_undo_end (j, &saved, errmsg);
@@ -526,18 +639,40 @@ revert_cannot_cancel (struct job *j, char **errmsg)
               "half way (clients already see the reverted volume)", j->id);
 }
 
+/* The end of a revert (clients held).  The new top layer now holds
+ * every page a layer outside the snapshot's view holds; those layers
+ * that no snapshot's view reads either (above every layer a snapshot
+ * is bound to) are read by nothing: they go in the save that ends the
+ * job.
+ */
 static int
 finish_revert (struct job *j, char **errmsg)
 {
+  const size_t top = store.nlayers - 1;
+  size_t a = store.revert_depth;
+  struct manifest saved;
+
+  for (size_t c = 0; c < store.m.nckpts; ++c)
+    if (store.m.ckpts[c].kind == CKPT_SNAPSHOT)
+      a = MAX (a, store_snapshot_depth (&store.m.ckpts[c]));
+  if (manifest_dup (&store.m, &saved) == -1)
+    goto err;
   store.m.job.kind = JOB_NONE;
-  if (store_save () == -1) {
-    store.m.job.kind = JOB_REVERT;
-    set_errmsg (errmsg, "finishing the revert to '%s': %s",
-                j->name, strerror (errno));
-    return -1;
+  if ((a < top && manifest_drop_layers (a, top) == -1) ||
+      store_save () == -1) {
+    store_restore (&saved);
+    goto err;
   }
+  manifest_free (&saved);
   store.revert_depth = -1;
+  for (size_t i = a; i < top; ++i)
+    job_drop_layer (a);
   return 0;
+
+ err:
+  set_errmsg (errmsg, "finishing the revert to '%s': %s",
+              j->name, strerror (errno));
+  return -1;
 }
 
 static const struct job_ops revert_ops = {

@@ -304,6 +304,11 @@ snapshot_cleanup (nbdkit_backend *backend)
 {
   control_stop ();
   job_stop ();
+  /* The kind's last saves (a cbw revert's progress) flush the origin
+   * first: before its context goes.
+   */
+  if (store.kind && store.kind->close)
+    store.kind->close ();
   origin_identity_close ();
   origin_close ();
   store_close ();

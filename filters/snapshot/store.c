@@ -36,7 +36,10 @@ store_lock (const char *dir)
   CLEANUP_FREE char *lockpath = NULL;
   pthread_rwlockattr_t attr;
 
-  if (mkdir (dir, 0700) == -1 && errno != EEXIST) {
+  /* A store whose name a power loss could take would start afresh,
+   * without the snapshots it had.
+   */
+  if (mkdir_durable (dir, 0700) == -1) {
     nbdkit_error ("snapshot-store=%s: cannot create the store directory: %m",
                   dir);
     return -1;
@@ -635,8 +638,9 @@ file_is_empty (int dirfd, const char *name)
  *
  * - the files the manifest uses, and its own files, are made 0600;
  * - the files of ids the manifest drops (a layer a merge dropped, a
- *   checkpoint's map deleted, then a crash before the files went) are
- *   deleted, and the drop lines with them;
+ *   checkpoint's map deleted, a revert's map, then a crash before the
+ *   files went) are deleted, and the drop lines with them; so is the
+ *   map of a revert that has ended (below);
  * - any other layer or map file is deleted only if it holds nothing
  *   (left by a create that a crash stopped before the manifest named
  *   it); else it is reported and left alone, and new ids are handed
@@ -649,6 +653,7 @@ static int
 store_sweep (void)
 {
   DIR *dir = opendir (store.dir);
+  const uint64_t next_id = store.m.next_id;
   struct inode_set targets;
   struct dirent *e;
 
@@ -677,6 +682,14 @@ store_sweep (void)
       continue;
     for (size_t i = 0; i < store.m.ndrops; ++i)
       drop |= store.m.drops[i] == id;
+    /* A revert's map records only which pages its job has done, never
+     * data: once the job has ended (an id the manifest handed out that
+     * is not the job it names) the map is of no use, drop line or not.
+     */
+    if (store_file_classify (e->d_name, &id) == STORE_FILE_REVERT_MAP &&
+        id < next_id &&
+        !(store.m.job.kind == JOB_REVERT && store.m.job.id == id))
+      drop = true;
     if (drop || file_is_empty (dirfd (dir), e->d_name)) {
       if (remove_file (dirfd (dir), e->d_name, &targets) == 0) {
         nbdkit_debug ("snapshot: removed %s (%s)", e->d_name,
@@ -714,10 +727,14 @@ id_has_files (uint64_t id)
   CLEANUP_FREE char *data = layer_path (id, "data");
   CLEANUP_FREE char *map = layer_path (id, "map");
   CLEANUP_FREE char *dirty = ckpt_map_path (id);
+  CLEANUP_FREE char *revert = NULL;
   struct stat st;
 
-  return data == NULL || map == NULL || dirty == NULL ||
-    lstat (data, &st) == 0 || lstat (map, &st) == 0 || lstat (dirty, &st) == 0;
+  if (asprintf (&revert, "%s/revert-%" PRIu64 ".map", store.dir, id) == -1)
+    revert = NULL;
+  return data == NULL || map == NULL || dirty == NULL || revert == NULL ||
+    lstat (data, &st) == 0 || lstat (map, &st) == 0 ||
+    lstat (dirty, &st) == 0 || lstat (revert, &st) == 0;
 }
 
 int
@@ -735,6 +752,16 @@ store_save (void)
       store.m.drops[n++] = store.m.drops[i];
   store.m.ndrops = n;
   return manifest_save (store.dir, &store.m);
+}
+
+void
+store_restore (struct manifest *saved)
+{
+  int e = errno;
+
+  manifest_free (&store.m);
+  store.m = *saved;
+  errno = e;
 }
 
 int
@@ -1040,10 +1067,7 @@ store_invalidate_oldest (int *err)
     store.m.ckpts[ci].invalidated = time (NULL);
     manifest_remove_layer (&store.m, l->id);
     if (store_drop_id (l->id) == -1 || store_save () == -1) {
-      int e = errno;
-      manifest_free (&store.m);
-      store.m = saved;
-      errno = e;
+      store_restore (&saved);
       goto err;
     }
     manifest_free (&saved);

@@ -193,6 +193,11 @@ extern int store_open (uint64_t origin_size);
  */
 extern int store_save (void);
 
+/* Put *saved (a copy of the manifest before a change that could not
+ * be saved) back in store.m, keeping errno; *saved is used up.
+ */
+extern void store_restore (struct manifest *saved);
+
 /* Record that id's files are no longer used (saved with the next
  * store_save, which makes them deletable after a crash).  Return 0, or
  * -1 with errno set.

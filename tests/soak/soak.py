@@ -4,7 +4,7 @@
 # and check the guarantees against a model.
 #
 #   soak.py [--seed N] [--rounds R | --minutes M] [--mode row|cbw|both]
-#           [--self-test] [--keep]
+#           [--self-test] [--keep] [--power-loss]
 #
 # The model holds the expected contents of the live volume and of every
 # snapshot, and for every checkpoint the live contents when it was taken.
@@ -26,6 +26,17 @@
 # connections, just after a control request is sent, and during a
 # running delete or revert job (-D snapshot.job_delay slows jobs).
 #
+# With --power-loss the origin and the store are on tests/powerfs, a
+# FUSE file system that keeps apart what was synced: after each kill
+# the power goes too (powerfs drops every unsynced page and directory
+# change, or keeps each with a chance of 20, 50 or 80%, in whole 4 KiB
+# pages), and nbdkit restarts as in another boot (the boot id the store
+# recorded is replaced by another one).
+# The model needs nothing more: it already allows an unflushed write to
+# read old or new, and takes nothing else as certain.  Extra marks are
+# counted as before; "newly marked" are those an export did not have at
+# its previous check.
+#
 # The sequence of operations, kill kinds and kill points comes from the
 # seed; where exactly the server is when SIGKILL lands depends on timing,
 # so a replay runs the same operations but may find the server at a
@@ -43,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import nbd
 
@@ -61,12 +73,14 @@ def log(msg):
 class Server:
     """One nbdkit with the snapshot filter over the file plugin."""
 
-    def __init__(self, top, workdir, mode, block_size, job_delay):
+    def __init__(self, top, workdir, mode, block_size, job_delay,
+                 datadir=None):
         self.filter = os.path.join(
             top, "filters/snapshot/.libs/nbdkit-snapshot-filter.so")
         self.workdir = workdir
-        self.origin = os.path.join(workdir, "origin.img")
-        self.store = os.path.join(workdir, "store")
+        datadir = datadir or workdir
+        self.origin = os.path.join(datadir, "origin.img")
+        self.store = os.path.join(datadir, "store")
         self.sock = os.path.join(workdir, "nbd.sock")
         self.pidfile = os.path.join(workdir, "nbdkit.pid")
         self.logfile = os.path.join(workdir, "nbdkit.log")
@@ -184,6 +198,44 @@ class Server:
         return json.loads(buf)
 
 
+class PowerFS:
+    """tests/powerfs: a FUSE file system that keeps what was synced, and
+    loses the rest at a crash (see powerfs.c)."""
+
+    def __init__(self, prog, mnt):
+        self.mnt = mnt
+        os.mkdir(mnt)
+        self.proc = subprocess.Popen([prog, mnt], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True,
+                                     bufsize=1)
+        line = self.proc.stdout.readline()
+        if line != "ready\n":
+            raise CheckFailed("powerfs did not mount %s: %r" % (mnt, line))
+
+    def command(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise CheckFailed("powerfs exited")
+        return reply.split()
+
+    def crash(self, percent, seed):
+        """Power off and on: what was synced stays, and each unsynced
+        page or directory with probability PERCENT.  Returns the pages
+        kept and dropped."""
+        r = self.command("crash %d %d" % (percent, seed))
+        if r[0] != "crashed":
+            raise CheckFailed("powerfs crash: %s" % " ".join(r))
+        return int(r[2]), int(r[4])
+
+    def close(self):
+        """Unmount (lazily) and wait for the file system to go."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
 class Model:
     def __init__(self, origin_bytes, block_size):
         self.size = len(origin_bytes)
@@ -249,7 +301,10 @@ class Soak:
                       "kill_control": 0, "kill_job": 0, "stops": 0,
                       "ops": 0, "checks": 0, "jobs_resumed": 0,
                       "extra_marked": 0, "max_extra": 0,
-                      "control_applied": 0}
+                      "control_applied": 0, "power_losses": 0,
+                      "pages_kept": 0, "pages_dropped": 0,
+                      "extra_new": 0}
+        self.prev_marked = {}
         rng = self.rng
         self.size = rng.choice([4, 8]) * MIB
         self.bs = rng.choice([4096, 16384, 65536])
@@ -261,13 +316,27 @@ class Soak:
         for i, k in enumerate(kinds):
             if k:
                 origin[i * chunk:(i + 1) * chunk] = bytes(chunk)
-        self.server = Server(args.top, workdir, mode, self.bs, job_delay)
+        self.power = None
+        if args.power_loss:
+            # The origin and the store on powerfs.
+            self.power = PowerFS(os.path.join(args.top, "tests/powerfs/powerfs"),
+                                 os.path.join(workdir, "mnt"))
+            self.server = Server(args.top, workdir, mode, self.bs, job_delay,
+                                 self.power.mnt)
+        else:
+            self.server = Server(args.top, workdir, mode, self.bs, job_delay)
         with open(self.server.origin, "wb") as f:
             f.truncate(self.size)
             for i, k in enumerate(kinds):
                 if k != 2:
                     f.seek(i * chunk)
                     f.write(origin[i * chunk:(i + 1) * chunk])
+            f.flush()
+            os.fsync(f.fileno())
+        if self.power:
+            fd = os.open(self.power.mnt, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
         self.model = Model(bytes(origin), self.bs)
         self.names = 0
         self.round = 0
@@ -276,8 +345,39 @@ class Soak:
         self.server.trace = self.trace
         self.where = "start"
         log("%s: seed %d, volume %d MiB, block size %d, job delay %d us, "
-            "dir %s" % (mode, seed, self.size // MIB, self.bs, job_delay,
-                        workdir))
+            "%sdir %s" % (mode, seed, self.size // MIB, self.bs, job_delay,
+                          "power loss, " if self.power else "", workdir))
+
+    def new_boot(self):
+        """The next start is in another boot: the boot the store records
+        (boot-id, written by the filter) is not the kernel's.  (A mount
+        namespace with a file bound over the kernel's boot id would do
+        it without touching the store, but would hold copies of every
+        mount of the machine, other tests' too, while nbdkit runs.)"""
+        path = os.path.join(self.server.store, "boot-id")
+        if not os.path.exists(path):
+            return      # none recorded: taken as another boot
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"%s\n" % str(uuid.UUID(
+            bytes=self.rng.randbytes(16))).encode())
+        os.fsync(fd)
+        os.close(fd)
+
+    # Each power loss keeps every unsynced page and directory change
+    # with one of these chances (in percent): none, some, most.
+    KEEP = [0, 0, 20, 50, 80]
+
+    def power_loss(self):
+        """After nbdkit is killed: the power goes, and comes back in
+        another boot."""
+        percent = self.rng.choice(self.KEEP)
+        kept, dropped = self.power.crash(percent, self.rng.randrange(1 << 62))
+        self.trace("power loss: unsynced pages kept %d (%d%%), dropped %d"
+                   % (kept, percent, dropped))
+        self.stats["power_losses"] += 1
+        self.stats["pages_kept"] += kept
+        self.stats["pages_dropped"] += dropped
+        self.new_boot()
 
     def trace(self, msg):
         self.tracef.write("%d: %s\n" % (self.round, msg))
@@ -715,6 +815,11 @@ class Soak:
         extra = len(marked - changed)
         self.stats["extra_marked"] += extra
         self.stats["max_extra"] = max(self.stats["max_extra"], extra)
+        # Extra marks this export did not have at its last check: what
+        # the last crash (or the writes since) added.
+        fresh = (marked - changed) - self.prev_marked.get(name, set())
+        self.stats["extra_new"] += len(fresh)
+        self.prev_marked[name] = marked
         got = self.read_export("dirty/" + name)
         zero = bytes(bs)
         for b in range(self.size // bs):
@@ -879,6 +984,8 @@ class Soak:
             self.stats["kills"] += 1
             self.stats["kill_" + kind] += 1
             self.lose_handles()
+            if self.power:
+                self.power_loss()
         self.recover(pending)
 
     def self_test(self):
@@ -980,8 +1087,9 @@ def run_mode(args, mode, seed, rounds, deadline):
     except (CheckFailed, nbd.Error, OSError, AssertionError) as e:
         log("FAIL: %s: seed %d round %d (%s): %s: %s" %
             (mode, seed, soak.round, soak.where, type(e).__name__, e))
-        log("replay: %s --mode %s --seed %d --rounds %d" %
-            (sys.argv[0], mode, seed, soak.round))
+        log("replay: %s --mode %s --seed %d --rounds %d%s" %
+            (sys.argv[0], mode, seed, soak.round,
+             " --power-loss" if args.power_loss else ""))
         log("kept: %s (nbdkit log: %s)" % (workdir, soak.server.logfile))
         try:
             with open(soak.server.logfile) as f:
@@ -995,11 +1103,30 @@ def run_mode(args, mode, seed, rounds, deadline):
     log("%s: seed %d: %d rounds, %d kills (idle %d, io %d, control %d, "
         "job %d), %d clean stops, %d ops, %d checks, %d jobs resumed, "
         "%d control requests applied before the kill, extra marked "
-        "blocks %d in all (at most %d in one dirty/ export)" %
+        "blocks %d in all (at most %d in one dirty/ export), %d of them "
+        "newly marked since the export's last check" %
         (mode, seed, soak.round, s["kills"], s["kill_idle"], s["kill_io"],
          s["kill_control"], s["kill_job"], s["stops"], s["ops"],
          s["checks"], s["jobs_resumed"], s["control_applied"],
-         s["extra_marked"], s["max_extra"]))
+         s["extra_marked"], s["max_extra"], s["extra_new"]))
+    if soak.power:
+        log("%s: seed %d: %d power losses (every kill), unsynced pages "
+            "kept %d, dropped %d" %
+            (mode, seed, s["power_losses"], s["pages_kept"],
+             s["pages_dropped"]))
+    if soak.power:
+        if not ok:
+            # Keep what the file system holds now (after the crash, if
+            # the failure came after one).
+            try:
+                shutil.copytree(soak.power.mnt,
+                                os.path.join(workdir, "powerfs-copy"),
+                                ignore=shutil.ignore_patterns("*.sock"))
+                log("kept: a copy of the powerfs mount in %s/powerfs-copy"
+                    % workdir)
+            except OSError as e:
+                log("could not copy the powerfs mount: %s" % e)
+        soak.power.close()
     if ok and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return ok, s
@@ -1014,6 +1141,9 @@ def main():
     p.add_argument("--minutes", type=float)
     p.add_argument("--mode", choices=["row", "cbw", "both"], default="both")
     p.add_argument("--self-test", action="store_true")
+    p.add_argument("--power-loss", action="store_true",
+                   help="origin and store on tests/powerfs; each kill is "
+                   "also a power loss")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--top", default=os.environ.get(
         "abs_top_builddir", os.path.dirname(os.path.dirname(here))))
@@ -1024,8 +1154,9 @@ def main():
     if args.rounds is None and args.minutes is None:
         args.rounds = 20
     modes = ["row", "cbw"] if args.mode == "both" else [args.mode]
-    log("soak: seed %d, modes %s, %s" %
+    log("soak: seed %d, modes %s%s, %s" %
         (args.seed, ",".join(modes),
+         " with power loss" if args.power_loss else "",
          "%d rounds each" % args.rounds if args.rounds is not None
          else "%g minutes" % args.minutes))
     total = 0

@@ -439,7 +439,7 @@ chain_begin (const char *dir, uint64_t size, const char *since,
     snap_error ("backup: the export is empty");
     goto err;
   }
-  if (mkdir (dir, 0700) == -1 && errno != EEXIST) {
+  if (mkdir_durable (dir, 0700) == -1) {
     snap_error ("backup: %s: %m", dir);
     goto err;
   }
