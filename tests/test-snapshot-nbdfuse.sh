@@ -37,24 +37,12 @@ fuse_mount ()
     wait_for test -f "$dir/nbd"
 }
 
-# fuse_unmount DIR PID: unmount and wait for nbdfuse to exit.
-fuse_unmount ()
-{
-    if mountpoint -q "$1"; then fusermount3 -u "$1"; fi
-    wait "$2" || true
-}
-
 # loop_mount FILE DIR OPTIONS
 loop_mount ()
 {
     mkdir -p "$2"
     mount -o "loop,$3" "$1" "$2"
     cleanup_fn loop_unmount "$2"
-}
-
-loop_unmount ()
-{
-    if mountpoint -q "$1"; then umount "$1"; fi
 }
 
 # checksums DIR: one "md5  path" line per file under DIR, sorted.
@@ -90,7 +78,7 @@ checksums $tmp/mnt > $tmp/new.sums
 cat $tmp/new.sums
 sync
 umount $tmp/mnt
-fusermount3 -u $tmp/live
+fuse_unmount $tmp/live
 
 # The snapshot has the old files, the live volume the new ones.
 fuse_mount $tmp/snap "$(nbd_uri $sock snap/before)" -r

@@ -36,17 +36,6 @@ fuse_mount ()
     wait_for test -f "$dir/nbd"
 }
 
-fuse_unmount ()
-{
-    if mountpoint -q "$1"; then fusermount3 -u "$1"; fi
-    wait "$2" || true
-}
-
-loop_unmount ()
-{
-    if mountpoint -q "$1"; then umount "$1"; fi
-}
-
 # checksums DIR: one "md5  path" line per file under DIR, sorted.
 checksums ()
 {
