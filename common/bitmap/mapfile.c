@@ -277,11 +277,13 @@ page_is_zero (const uint64_t *words)
 void
 mapfile_seal_compute (const struct sbitmap *bm, struct mapfile_seal *seal)
 {
+  uint64_t words[SBITMAP_PAGE_WORDS];
+
   seal->nset = sbitmap_count (bm);
   seal->body_sum = 0;
   for (size_t p = 0; p < bm->npages; ++p)
-    if (bm->pages[p] && !page_is_zero (bm->pages[p]))
-      seal->body_sum += page_sum (p, bm->pages[p]);
+    if (sbitmap_copy_page (bm, p, words) && !page_is_zero (words))
+      seal->body_sum += page_sum (p, words);
 }
 
 int
@@ -542,36 +544,94 @@ mapfile_open_sealed (const char *path, uint32_t kind,
  * Write-back
  */
 
-/* Make room for one more page in batch. */
+/* A page's chunks held in a batch are a 16-bit mask. */
+_Static_assert (SBITMAP_PAGE_CHUNKS <= 16, "chunk mask too small");
+
+/* Make room in batch for one more page, and for all of its words.
+ * (The counts double from small: reallocarray fails long before they
+ * could wrap.)
+ */
 static int
 batch_reserve (struct mapfile_batch *batch)
 {
-  size_t alloc, *index;
-  uint64_t *words;
+  void *p;
 
-  if (batch->n < batch->alloc)
-    return 0;
-  alloc = batch->alloc ? batch->alloc * 2 : 16;
-  if (alloc < batch->alloc ||
-      alloc > SIZE_MAX / SBITMAP_PAGE_BYTES) {
-    errno = ENOMEM;
-    return -1;
+  if (batch->n == batch->alloc) {
+    size_t alloc = batch->alloc ? batch->alloc * 2 : 16;
+
+    if ((p = reallocarray (batch->index, alloc, sizeof (size_t))) == NULL)
+      return -1;
+    batch->index = p;
+    if ((p = reallocarray (batch->first, alloc, sizeof (size_t))) == NULL)
+      return -1;
+    batch->first = p;
+    if ((p = reallocarray (batch->chunks, alloc, sizeof (uint16_t))) == NULL)
+      return -1;
+    batch->chunks = p;
+    batch->alloc = alloc;
   }
-  index = realloc (batch->index, alloc * sizeof *index);
-  if (index == NULL)
-    return -1;
-  batch->index = index;
-  words = realloc (batch->words, alloc * SBITMAP_PAGE_BYTES);
-  if (words == NULL)
-    return -1;
-  batch->words = words;
-  batch->alloc = alloc;
+  if (batch->walloc - batch->nwords < SBITMAP_PAGE_WORDS) {
+    size_t walloc = batch->walloc ? batch->walloc * 2 : SBITMAP_PAGE_WORDS;
+
+    if ((p = reallocarray (batch->words, walloc, sizeof (uint64_t))) == NULL)
+      return -1;
+    batch->words = p;
+    batch->walloc = walloc;
+  }
   return 0;
+}
+
+/* Append page p, whose words are in page, keeping its non-zero chunks
+ * (batch_reserve made room).
+ */
+static void
+batch_append (struct mapfile_batch *batch, size_t p,
+              const uint64_t page[SBITMAP_PAGE_WORDS])
+{
+  uint16_t held = 0;
+
+  batch->index[batch->n] = p;
+  batch->first[batch->n] = batch->nwords;
+  for (size_t c = 0; c < SBITMAP_PAGE_CHUNKS; ++c) {
+    const uint64_t *chunk = &page[c * SBITMAP_CHUNK_WORDS];
+    bool zero = true;
+
+    for (size_t w = 0; w < SBITMAP_CHUNK_WORDS && zero; ++w)
+      zero = chunk[w] == 0;
+    if (zero)
+      continue;
+    memcpy (&batch->words[batch->nwords], chunk,
+            SBITMAP_CHUNK_WORDS * sizeof *chunk);
+    batch->nwords += SBITMAP_CHUNK_WORDS;
+    held |= 1u << c;
+  }
+  batch->chunks[batch->n++] = held;
+}
+
+void
+mapfile_batch_page (const struct mapfile_batch *batch, size_t i,
+                    uint64_t out[SBITMAP_PAGE_WORDS])
+{
+  const uint64_t *from = &batch->words[batch->first[i]];
+
+  assert (i < batch->n);
+  for (size_t c = 0; c < SBITMAP_PAGE_CHUNKS; ++c) {
+    uint64_t *to = &out[c * SBITMAP_CHUNK_WORDS];
+
+    if (batch->chunks[i] & (1u << c)) {
+      memcpy (to, from, SBITMAP_CHUNK_WORDS * sizeof *to);
+      from += SBITMAP_CHUNK_WORDS;
+    }
+    else
+      memset (to, 0, SBITMAP_CHUNK_WORDS * sizeof *to);
+  }
 }
 
 int
 mapfile_collect (struct sbitmap *bm, struct mapfile_batch *batch)
 {
+  uint64_t page[SBITMAP_PAGE_WORDS];
+
   for (size_t p = 0; p < bm->npages; ++p) {
     /* Cheap check first, so room is only made for dirty pages. */
     if (__atomic_load_n (&bm->dirty[p], __ATOMIC_SEQ_CST) == 0)
@@ -581,9 +641,8 @@ mapfile_collect (struct sbitmap *bm, struct mapfile_batch *batch)
      */
     if (batch_reserve (batch) == -1)
       return -1;
-    if (sbitmap_take_dirty (bm, p,
-                            &batch->words[batch->n * SBITMAP_PAGE_WORDS]))
-      batch->index[batch->n++] = p;
+    if (sbitmap_take_dirty (bm, p, page))
+      batch_append (batch, p, page);
   }
   return 0;
 }
@@ -594,10 +653,9 @@ mapfile_write_pages (int fd, const struct mapfile_batch *batch)
   uint64_t buf[SBITMAP_PAGE_WORDS];
 
   for (size_t i = 0; i < batch->n; ++i) {
-    const uint64_t *words = &batch->words[i * SBITMAP_PAGE_WORDS];
-
+    mapfile_batch_page (batch, i, buf);
     for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
-      buf[w] = htole64 (words[w]);
+      buf[w] = htole64 (buf[w]);
     if (full_pwrite (fd, buf, sizeof buf, page_offset (batch->index[i])) == -1)
       return -1;
   }
@@ -625,6 +683,8 @@ void
 mapfile_batch_free (struct mapfile_batch *batch)
 {
   free (batch->index);
+  free (batch->first);
+  free (batch->chunks);
   free (batch->words);
   memset (batch, 0, sizeof *batch);
 }

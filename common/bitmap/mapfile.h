@@ -122,13 +122,24 @@ extern int mapfile_open_sealed (const char *path, uint32_t kind,
                                 bool *sealed, struct mapfile_seal *seal)
   __attribute__ ((__nonnull__ (1, 6, 7, 8)));
 
-/* The dirty pages of a bitmap taken by mapfile_collect. */
+/* The dirty pages of a bitmap taken by mapfile_collect.  Each page is
+ * held as its non-zero chunks only (sbitmap.h): a page with one bit
+ * set takes 256 bytes, not 4 KiB.  mapfile_batch_page gives it whole.
+ */
 struct mapfile_batch {
   size_t n;                     /* Number of pages held. */
-  size_t alloc;
+  size_t alloc;                 /* Room for this many pages. */
   size_t *index;                /* Page numbers. */
-  uint64_t *words;              /* n * SBITMAP_PAGE_WORDS words. */
+  size_t *first;                /* Per page: where its chunks start in words. */
+  uint16_t *chunks;             /* Per page: bit c set = chunk c is held. */
+  size_t nwords, walloc;        /* Words held; room for this many. */
+  uint64_t *words;              /* The chunks held, page after page. */
 };
+
+/* Copy page i of batch (i < batch->n), whole, into out. */
+extern void mapfile_batch_page (const struct mapfile_batch *batch, size_t i,
+                                uint64_t out[SBITMAP_PAGE_WORDS])
+  __attribute__ ((__nonnull__ (1, 3)));
 
 /* Take every dirty page of bm into batch (appending).  Return 0, or -1
  * with errno set (ENOMEM; the pages taken stay in the batch so nothing

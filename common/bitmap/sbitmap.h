@@ -1,27 +1,34 @@
 /* nbdkit-snapshot: sparse, thread-safe bitmaps.
  *
- * A bitmap of nbits bits is held as an array of pages of
- * SBITMAP_PAGE_BITS bits (4 KiB of memory each).  A page is allocated
- * the first time one of its bits is set, so an empty bitmap over a
- * 1 TiB volume at 4 KiB granularity costs 64 KiB of page pointers, and
- * a full one 32 MiB.
+ * A bitmap of nbits bits is divided into pages of SBITMAP_PAGE_BITS
+ * bits (4 KiB, the unit of a map file, mapfile.h), and each page into
+ * SBITMAP_PAGE_CHUNKS chunks of SBITMAP_CHUNK_BITS bits (256 bytes).
+ * Memory is allocated a chunk at a time, the first time one of its
+ * bits is set, with a small array of chunk pointers for each page that
+ * has one.  So an empty bitmap over a 1 TiB volume at 4 KiB
+ * granularity costs 64 KiB of page pointers, a full one 35 MiB (32 MiB
+ * of bits), and a bit set alone in its page about 400 bytes (a chunk
+ * and the page's chunk pointers) instead of a whole 4 KiB page: bits
+ * scattered over a large volume, as random writes leave them in layer
+ * and dirty maps, cost 10 times less than with whole pages.
  *
- * Bit i lives in word i / 64 of its page, at bit position i % 64
- * (least significant first).  Written out in little-endian words this
- * is "bit i of the bitmap is bit (i % 8) of byte i / 8", the on-disk
- * order mapfile.h uses.
+ * Bit i lives in word i / 64 of the bitmap, at bit position i % 64
+ * (least significant first).  Written out in little-endian words, page
+ * by page (sbitmap_copy_page), this is "bit i of the bitmap is bit
+ * (i % 8) of byte i / 8", the on-disk order mapfile.h uses.
  *
  * Every page also has a dirty flag, set whenever a bit of that page
  * changes, which mapfile.h uses to write back only changed pages.
  *
  * Thread safety: sbitmap_test, _set, _clear, _set_range, _clear_range,
- * _find_next_set, _find_next_clear, _count, _count_range and
- * _take_dirty may be called concurrently with each other (bit updates
- * are atomic word operations; a page is installed with
- * compare-and-swap).  A find or count that runs concurrently with
- * updates sees each word either before or after each update.
- * sbitmap_init, _free and _load_page must not run concurrently with
- * anything else on the same bitmap.
+ * _find_next_set, _find_next_clear, _count, _count_range,
+ * _take_dirty, _copy_page, _page_present and _chunks may be called
+ * concurrently with each other (bit updates are atomic word
+ * operations; pages and chunks are installed with compare-and-swap).
+ * A find or count that runs concurrently with updates sees each word
+ * either before or after each update.  sbitmap_init, _free and
+ * _load_page must not run concurrently with anything else on the same
+ * bitmap.
  */
 #ifndef SNAP_SBITMAP_H
 #define SNAP_SBITMAP_H
@@ -33,11 +40,21 @@
 #define SBITMAP_PAGE_BYTES 4096
 #define SBITMAP_PAGE_WORDS (SBITMAP_PAGE_BYTES / 8)
 #define SBITMAP_PAGE_BITS (SBITMAP_PAGE_BYTES * 8)
+#define SBITMAP_CHUNK_WORDS 32
+#define SBITMAP_CHUNK_BITS (SBITMAP_CHUNK_WORDS * 64)
+#define SBITMAP_PAGE_CHUNKS (SBITMAP_PAGE_WORDS / SBITMAP_CHUNK_WORDS)
+
+/* A page that has at least one chunk: its chunk pointers, NULL for a
+ * chunk whose bits are all clear.
+ */
+struct sbitmap_page {
+  uint64_t *chunks[SBITMAP_PAGE_CHUNKS];
+};
 
 struct sbitmap {
   uint64_t nbits;               /* Number of bits. */
   size_t npages;                /* Number of pages (last may be partial). */
-  uint64_t **pages;             /* npages pointers; NULL means all zero. */
+  struct sbitmap_page **pages;  /* npages pointers; NULL means all zero. */
   uint8_t *dirty;               /* npages flags, 1 = changed since taken. */
   uint64_t count;               /* Number of set bits (atomic). */
 };
@@ -145,6 +162,23 @@ extern bool sbitmap_take_dirty (struct sbitmap *bm, size_t p,
                                 uint64_t out[SBITMAP_PAGE_WORDS])
   __attribute__ ((__nonnull__ (1, 3)));
 
+/* Copy the words of page p into out (zeros for absent chunks).  Return
+ * whether the page has any chunk (false: out is all zero).
+ */
+extern bool sbitmap_copy_page (const struct sbitmap *bm, size_t p,
+                               uint64_t out[SBITMAP_PAGE_WORDS])
+  __attribute__ ((__nonnull__ (1, 3)));
+
+/* Whether page p has any chunk allocated (a page none of whose bits
+ * was ever set, or that sbitmap_load_page found all zero, has none).
+ */
+extern bool sbitmap_page_present (const struct sbitmap *bm, size_t p)
+  __attribute__ ((__nonnull__ (1)));
+
+/* The number of chunks allocated (each SBITMAP_CHUNK_WORDS words). */
+extern uint64_t sbitmap_chunks (const struct sbitmap *bm)
+  __attribute__ ((__nonnull__ (1)));
+
 /* Mark page p dirty (e.g. after a failed write-back). */
 extern void sbitmap_mark_dirty (struct sbitmap *bm, size_t p)
   __attribute__ ((__nonnull__ (1)));
@@ -154,8 +188,8 @@ extern void sbitmap_mark_all_dirty (struct sbitmap *bm)
   __attribute__ ((__nonnull__ (1)));
 
 /* Install the words of page p (used when loading from disk; bits past
- * nbits must be zero).  The page is not marked dirty.  An all-zero
- * page is not allocated.  Return 0, or -1 with errno set (EINVAL if a
+ * nbits must be zero).  The page is not marked dirty.  Only the chunks
+ * holding a set bit are allocated (none for an all-zero page).  Return 0, or -1 with errno set (EINVAL if a
  * bit past nbits is set; the bitmap is then unchanged).
  */
 extern int sbitmap_load_page (struct sbitmap *bm, size_t p,

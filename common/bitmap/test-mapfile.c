@@ -108,11 +108,11 @@ assert_equal (const struct sbitmap *a, const struct sbitmap *b)
   assert (a->nbits == b->nbits);
   assert (sbitmap_count (a) == sbitmap_count (b));
   for (size_t p = 0; p < a->npages; ++p) {
-    for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w) {
-      uint64_t va = a->pages[p] ? a->pages[p][w] : 0;
-      uint64_t vb = b->pages[p] ? b->pages[p][w] : 0;
-      assert (va == vb);
-    }
+    uint64_t wa[SBITMAP_PAGE_WORDS], wb[SBITMAP_PAGE_WORDS];
+
+    sbitmap_copy_page (a, p, wa);
+    sbitmap_copy_page (b, p, wb);
+    assert (memcmp (wa, wb, sizeof wa) == 0);
   }
 }
 
@@ -161,7 +161,7 @@ test_round_trip (uint64_t nbits, uint32_t gran)
   }
   assert (loaded.nbits == nbits && sbitmap_count (&loaded) == 0);
   for (size_t p = 0; p < loaded.npages; ++p)
-    assert (loaded.pages[p] == NULL);
+    assert (!sbitmap_page_present (&loaded, p));
   sbitmap_free (&loaded);
 
   /* Random bits, including the last one, written and read back. */
@@ -243,8 +243,10 @@ test_large_sparse (void)
   {
     size_t present = 0;
     for (size_t p = 0; p < bm.npages; ++p)
-      present += bm.pages[p] != NULL;
+      present += sbitmap_page_present (&bm, p);
     assert (present == 3);
+    /* And in each, only the chunk holding the bit. */
+    assert (sbitmap_chunks (&bm) == 3);
   }
   assert (fstat (fd, &st) == 0);
   assert ((off_t) st.st_blocks * 512 < st.st_size / 4);
@@ -315,7 +317,7 @@ test_short_file_and_holes (void)
     assert (fd >= 0);
     assert (sbitmap_count (&loaded) == 0);
     for (size_t p = 0; p < loaded.npages; ++p)
-      assert (loaded.pages[p] == NULL);
+      assert (!sbitmap_page_present (&loaded, p));
     assert (close (fd) == 0);
     sbitmap_free (&loaded);
   }
@@ -597,10 +599,15 @@ test_batches (void)
   assert (mapfile_collect (&bm, &batch) == 0);
   assert (batch.n == 40 && batch.alloc >= 40);
   for (size_t i = 0; i < batch.n; ++i) {
+    uint64_t words[SBITMAP_PAGE_WORDS];
+
     assert (batch.index[i] == i);
-    assert (batch.words[i * SBITMAP_PAGE_WORDS + i / 64] ==
-            UINT64_C (1) << (i % 64));
+    mapfile_batch_page (&batch, i, words);
+    for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
+      assert (words[w] == (w == i / 64 ? UINT64_C (1) << (i % 64) : 0));
   }
+  /* Each page is held as its one non-zero chunk. */
+  assert (batch.nwords == 40 * SBITMAP_CHUNK_WORDS);
   /* Nothing is dirty any more; collecting again appends nothing. */
   assert (mapfile_collect (&bm, &batch) == 0);
   assert (batch.n == 40);

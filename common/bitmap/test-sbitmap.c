@@ -57,7 +57,17 @@ rnd_below (uint64_t n)
 static bool
 page_present (const struct sbitmap *bm, size_t p)
 {
-  return bm->pages[p] != NULL;
+  return sbitmap_page_present (bm, p);
+}
+
+/* Word w of page p (0 where absent). */
+static uint64_t
+word_at (const struct sbitmap *bm, size_t p, size_t w)
+{
+  uint64_t words[SBITMAP_PAGE_WORDS];
+
+  sbitmap_copy_page (bm, p, words);
+  return words[w];
 }
 
 /*----------------------------------------------------------------*/
@@ -101,11 +111,15 @@ test_single_bits (void)
   /* Check the sbitmap.h memory layout: bit i is bit i % 64 of word
    * i / 64 of its page.
    */
-  assert (bm.pages[0][0] == (UINT64_C (1) | UINT64_C (1) << 63));
-  assert (bm.pages[0][1] == 3);
-  assert (bm.pages[0][SBITMAP_PAGE_WORDS - 1] == UINT64_C (1) << 63);
-  assert (bm.pages[1][0] == 3);
-  assert (bm.pages[3][1] == UINT64_C (1) << 35);     /* nbits - 1 = 3PB+99 */
+  assert (word_at (&bm, 0, 0) == (UINT64_C (1) | UINT64_C (1) << 63));
+  assert (word_at (&bm, 0, 1) == 3);
+  assert (word_at (&bm, 0, SBITMAP_PAGE_WORDS - 1) == UINT64_C (1) << 63);
+  assert (word_at (&bm, 1, 0) == 3);
+  assert (word_at (&bm, 3, 1) == UINT64_C (1) << 35); /* nbits - 1 = 3PB+99 */
+  /* Memory: only the chunks holding these bits (pages 0 and 1: their
+   * first and last; pages 2 and 3: their first).
+   */
+  assert (sbitmap_chunks (&bm) == 6);
 
   /* find_next_set enumerates exactly these bits. */
   {
@@ -257,6 +271,106 @@ test_large_range (void)
   assert (sbitmap_find_next_set (&bm, 100) == 1000100);
   assert (sbitmap_clear_range (&bm, 0, nbits) == nbits - 1000000);
   assert (sbitmap_count (&bm) == 0);
+  sbitmap_free (&bm);
+}
+
+/* Memory is allocated by chunk (SBITMAP_CHUNK_BITS bits), and absent
+ * chunks inside a present page read, find, count and copy as zeros.
+ */
+static void
+test_chunks (void)
+{
+  const uint64_t CB = SBITMAP_CHUNK_BITS;
+  const uint64_t nbits = 2 * PB + CB + 5;  /* last page: one chunk + 5 */
+  struct sbitmap bm;
+  uint64_t words[SBITMAP_PAGE_WORDS];
+
+  assert (SBITMAP_PAGE_CHUNKS * SBITMAP_CHUNK_WORDS == SBITMAP_PAGE_WORDS);
+  assert (sbitmap_init (&bm, nbits) == 0);
+  assert (sbitmap_chunks (&bm) == 0);
+
+  /* One bit: one chunk. */
+  assert (sbitmap_set (&bm, 3 * CB + 7) == 0);
+  assert (sbitmap_chunks (&bm) == 1);
+  assert (page_present (&bm, 0) && !page_present (&bm, 1));
+  /* Clearing and testing absent chunks allocate nothing. */
+  assert (sbitmap_clear (&bm, 5 * CB) == 0);
+  assert (sbitmap_clear_range (&bm, 4 * CB, 3 * CB) == 0);
+  assert (!sbitmap_test (&bm, 9 * CB + 1));
+  assert (sbitmap_chunks (&bm) == 1);
+
+  /* Finds skip the absent chunks of a present page, and find clear
+   * bits in them.
+   */
+  assert (sbitmap_set (&bm, PB - 1) == 0);     /* the page's last chunk */
+  assert (sbitmap_chunks (&bm) == 2);
+  assert (sbitmap_find_next_set (&bm, 0) == 3 * CB + 7);
+  assert (sbitmap_find_next_set (&bm, 3 * CB + 8) == PB - 1);
+  assert (sbitmap_find_next_set_before (&bm, 3 * CB + 8, PB - 1) == PB - 1);
+  assert (sbitmap_find_next_set (&bm, PB) == nbits);
+  assert (sbitmap_set_range (&bm, 0, CB) == (int64_t) CB);
+  assert (sbitmap_chunks (&bm) == 3);
+  assert (sbitmap_find_next_clear (&bm, 0) == CB);     /* absent chunk 1 */
+  assert (sbitmap_find_next_clear (&bm, PB - 1) == PB);  /* absent page */
+  assert (sbitmap_count_range (&bm, 0, nbits) == CB + 2);
+  assert (sbitmap_count_range (&bm, 1, PB - 2) == CB - 1 + 1);
+
+  /* A range across a chunk boundary: two chunks. */
+  assert (sbitmap_set_range (&bm, PB + CB - 3, 6) == 6);
+  assert (sbitmap_chunks (&bm) == 5);
+  assert (sbitmap_count_range (&bm, PB, PB) == 6);
+  assert (sbitmap_find_next_clear (&bm, PB + CB - 3) == PB + CB + 3);
+
+  /* The last, partial page: its one whole chunk, then 5 bits. */
+  assert (sbitmap_set (&bm, nbits - 1) == 0);
+  assert (sbitmap_find_next_set (&bm, PB + CB + 3) == nbits - 1);
+  assert (sbitmap_find_next_clear (&bm, nbits - 1) == nbits);
+
+  /* A copy has zeros where chunks are absent; take_dirty the same. */
+  assert (sbitmap_copy_page (&bm, 0, words));
+  for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w) {
+    uint64_t want = 0;
+    if (w < SBITMAP_CHUNK_WORDS)
+      want = ~UINT64_C (0);
+    if (w == 3 * SBITMAP_CHUNK_WORDS)
+      want = UINT64_C (1) << 7;
+    if (w == SBITMAP_PAGE_WORDS - 1)
+      want = UINT64_C (1) << 63;
+    assert (words[w] == want);
+  }
+  assert (sbitmap_take_dirty (&bm, 1, words));
+  assert (words[SBITMAP_CHUNK_WORDS - 1] == UINT64_C (7) << 61);
+  assert (words[SBITMAP_CHUNK_WORDS] == 7);
+  assert (words[0] == 0 && words[SBITMAP_PAGE_WORDS - 1] == 0);
+
+  /* Loading installs only the chunks with bits, frees the chunks that
+   * become zero, and the page once none is left.
+   */
+  memset (words, 0, sizeof words);
+  words[5 * SBITMAP_CHUNK_WORDS + 1] = 0x10;
+  assert (sbitmap_load_page (&bm, 0, words) == 0);
+  assert (sbitmap_count_range (&bm, 0, PB) == 1);
+  assert (sbitmap_find_next_set (&bm, 0) == 5 * CB + 64 + 4);
+  assert (sbitmap_chunks (&bm) == 1 + 2 + 1);
+  memset (words, 0, sizeof words);
+  assert (sbitmap_load_page (&bm, 1, words) == 0);
+  assert (!page_present (&bm, 1));
+  assert (sbitmap_chunks (&bm) == 2);
+  assert (sbitmap_count (&bm) == 2);
+  /* A bit past nbits is refused, and nothing changes. */
+  words[SBITMAP_CHUNK_WORDS + 1] = 1;      /* bit CB + 64 + 0 > CB + 5 */
+  assert (sbitmap_load_page (&bm, 2, words) == -1 && errno == EINVAL);
+  assert (sbitmap_chunks (&bm) == 2 && sbitmap_count (&bm) == 2);
+  sbitmap_free (&bm);
+
+  /* Bits scattered over a large bitmap cost a chunk each, not a page:
+   * 1000 random bits over 2^28 (a 1 TiB layer map).
+   */
+  assert (sbitmap_init (&bm, UINT64_C (1) << 28) == 0);
+  for (int i = 0; i < 1000; ++i)
+    assert (sbitmap_set (&bm, rnd_below (bm.nbits)) >= 0);
+  assert (sbitmap_chunks (&bm) <= 1000);
+  assert (sbitmap_chunks (&bm) >= 990);   /* collisions are rare */
   sbitmap_free (&bm);
 }
 
@@ -660,10 +774,11 @@ test_threads (void)
   assert (sbitmap_count_range (&bm, 0, T_NBITS) == distinct);
   assert (sbitmap_find_next_clear (&bm, 0) >= T_DISJOINT);
   for (size_t p = 0; p < bm.npages; ++p) {
-    for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w) {
-      uint64_t v = bm.pages[p] ? bm.pages[p][w] : 0;
-      assert (carg.shadow[p * SBITMAP_PAGE_WORDS + w] == v);
-    }
+    uint64_t words[SBITMAP_PAGE_WORDS];
+
+    sbitmap_copy_page (&bm, p, words);
+    for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
+      assert (carg.shadow[p * SBITMAP_PAGE_WORDS + w] == words[w]);
   }
   free (carg.shadow);
   sbitmap_free (&bm);
@@ -672,12 +787,15 @@ test_threads (void)
 int
 main (void)
 {
-  const uint64_t sizes[] = { 1, 63, 64, 65, 1000, PB, PB + 1, 2 * PB - 3,
+  const uint64_t CB = SBITMAP_CHUNK_BITS;
+  const uint64_t sizes[] = { 1, 63, 64, 65, 1000, CB - 1, CB, CB + 1,
+                             3 * CB + 70, PB, PB + 1, 2 * PB - 3,
                              3 * PB + 100 };
 
   test_single_bits ();
   test_find ();
   test_large_range ();
+  test_chunks ();
   for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; ++i)
     test_random (sizes[i], sizes[i] >= PB ? 4000 : 2000);
   test_dirty ();

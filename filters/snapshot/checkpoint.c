@@ -287,9 +287,12 @@ ckpt_map_write (struct ckpt_map *d, bool sync)
     /* Bits only ever get set in a map file, and a writer may be
      * storing newer bits into the same words (ckpt_mark): OR them in.
      */
+    uint64_t words[SBITMAP_PAGE_WORDS];
+
     for (size_t i = 0; i < batch.n; ++i) {
-      const uint64_t *words = &batch.words[i * SBITMAP_PAGE_WORDS];
       uint64_t *to = &d->mm[batch.index[i] * SBITMAP_PAGE_WORDS];
+
+      mapfile_batch_page (&batch, i, words);
       for (size_t w = 0; w < SBITMAP_PAGE_WORDS; ++w)
         if (words[w])
           mm_or (&to[w], words[w]);

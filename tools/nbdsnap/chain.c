@@ -305,7 +305,7 @@ write_map (const char *path, uint32_t kind, uint32_t granularity,
    * bits, not the absent ones (a map of 1 TiB of pages is 32 MiB).
    */
   for (size_t p = 0; p < bm->npages; ++p)
-    if (bm->pages[p])
+    if (sbitmap_page_present (bm, p))
       sbitmap_mark_dirty (bm, p);
   if (mapfile_collect (bm, &batch) == -1 || mapfile_write (fd, &batch) == -1) {
     snap_error ("%s: write: %m", path);
