@@ -24,6 +24,10 @@
 # checks.  SOAK_POWER_ROUNDS (default 150) or SOAK_POWER_MINUTES
 # (default SOAK_MINUTES) size it; it needs root, /dev/fuse and powerfs
 # (built when libfuse3 is found), and is left out without them.
+#
+# Under valgrind (make check-valgrind) the rounds default to 10 per
+# kind and mode: every round restarts nbdkit, which takes seconds
+# there.
 
 source ./functions.sh
 set -e
@@ -32,6 +36,10 @@ set -x
 requires python3 -c 'import nbd'
 requires nbdkit file --version
 
+rounds=100 power_rounds=150
+if [ "${SNAPSHOT_TEST_VALGRIND:-0}" = 1 ]; then
+    rounds=10 power_rounds=10
+fi
 if [ -z "${SOAK_SEED-}" ] && [ -z "${SOAK_MINUTES-}" ]; then
     SOAK_SEED=575475856
 fi
@@ -44,11 +52,11 @@ if [ -n "${SOAK_MINUTES-}" ]; then
     args+=(--minutes "$SOAK_MINUTES")
     power_args+=(--minutes "${SOAK_POWER_MINUTES:-$SOAK_MINUTES}")
 else
-    args+=(--rounds "${SOAK_ROUNDS:-100}")
+    args+=(--rounds "${SOAK_ROUNDS:-$rounds}")
     if [ -n "${SOAK_POWER_MINUTES-}" ]; then
         power_args+=(--minutes "$SOAK_POWER_MINUTES")
     else
-        power_args+=(--rounds "${SOAK_POWER_ROUNDS:-150}")
+        power_args+=(--rounds "${SOAK_POWER_ROUNDS:-$power_rounds}")
     fi
 fi
 
