@@ -1,6 +1,7 @@
 /* nbdkit-snapshot: the store manifest (see manifest.h for the format). */
 #include <config.h>
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -141,14 +142,18 @@ manifest_parse (const char *where, const char *text, size_t len,
     }
 
     if (strncmp (line, "crc ", 4) == 0) {
-      uint32_t want = snap_crc32 (0, text, line - copy), found;
-      char *end;
-      errno = 0;
-      found = strtoul (line + 4, &end, 16);
-      if (errno || *end || end == line + 4) {
+      uint32_t want = snap_crc32 (0, text, line - copy), found = 0;
+      const char *h = line + 6;
+      /* "0x" and 1 to 8 hex digits, as manifest_format writes it. */
+      if (strncmp (line + 4, "0x", 2) != 0 || *h == '\0' ||
+          strlen (h) > 8 ||
+          strspn (h, "0123456789abcdefABCDEF") != strlen (h)) {
         snap_error ("%s: line %d: bad crc line", where, lineno);
         goto err;
       }
+      for (; *h; ++h)
+        found = found << 4 |
+          (isdigit ((unsigned char) *h) ? *h - '0' : (*h | 0x20) - 'a' + 10);
       if (found != want) {
         snap_error ("%s: checksum 0x%08" PRIx32 " does not match the "
                     "contents (0x%08" PRIx32 "): the manifest is damaged",
@@ -220,7 +225,8 @@ manifest_parse (const char *where, const char *text, size_t len,
 
     if (strcmp (key, "job") == 0) {
       struct manifest_job *j = &m->job;
-      char strat[16], out[4096];
+      /* One byte more than a name may have, so a longer one shows. */
+      char name[SNAP_NAME_MAX + 2], strat[16], out[4096];
       int kb, end = -1;
       if (j->kind != JOB_NONE) {
         snap_error ("%s: line %d: a second job", where, lineno);
@@ -228,10 +234,12 @@ manifest_parse (const char *where, const char *text, size_t len,
       }
       if (sscanf (line, "job %" SCNu64 " delete %65s strategy=%15s "
                   "keep-bitmap=%d output=%4095s%n",
-                  &j->id, j->name, strat, &kb, out, &end) == 5 &&
+                  &j->id, name, strat, &kb, out, &end) == 5 &&
           end >= 0 && line[end] == '\0' &&
           (strcmp (strat, "commit") == 0 || strcmp (strat, "stream") == 0 ||
-           strcmp (strat, "move") == 0)) {
+           strcmp (strat, "move") == 0) &&
+          (kb == 0 || kb == 1) &&
+          (strcmp (out, "-") == 0 || out[0] == '/')) {
         j->kind = JOB_DELETE;
         j->strategy = strcmp (strat, "commit") == 0 ? STRATEGY_COMMIT
           : strcmp (strat, "stream") == 0 ? STRATEGY_STREAM : STRATEGY_MOVE;
@@ -241,13 +249,19 @@ manifest_parse (const char *where, const char *text, size_t len,
       }
       else if ((end = -1,
                 sscanf (line, "job %" SCNu64 " revert %65s%n",
-                        &j->id, j->name, &end) == 2) &&
+                        &j->id, name, &end) == 2) &&
                end >= 0 && line[end] == '\0')
         j->kind = JOB_REVERT;
       else {
         snap_error ("%s: line %d: bad job line", where, lineno);
         goto err;
       }
+      if (snap_name_invalid (name)) {
+        snap_error ("%s: line %d: invalid name '%s': %s",
+                    where, lineno, name, snap_name_invalid (name));
+        goto err;
+      }
+      strcpy (j->name, name);
       continue;
     }
     if (strcmp (key, "origin") == 0 && n == 2 &&
@@ -319,10 +333,23 @@ manifest_parse (const char *where, const char *text, size_t len,
       }
       m->block_size = v, seen |= K_BS;
     }
-    else if (strcmp (key, "size") == 0)
+    else if (strcmp (key, "size") == 0) {
+      /* The most an NBD export (and a file) can hold. */
+      if (v > INT64_MAX) {
+        snap_error ("%s: line %d: size %" PRIu64 " is too large",
+                    where, lineno, v);
+        goto err;
+      }
       m->size = v, seen |= K_SIZE;
-    else if (strcmp (key, "next-id") == 0)
+    }
+    else if (strcmp (key, "next-id") == 0) {
+      if (v > MANIFEST_ID_MAX) {
+        snap_error ("%s: line %d: next-id %" PRIu64 " is too large",
+                    where, lineno, v);
+        goto err;
+      }
       m->next_id = v, seen |= K_NEXT;
+    }
     else if (strcmp (key, "drop") == 0) {
       if (v == 0 || manifest_add_drop (m, v) == -1) {
         snap_error ("%s: line %d: %s", where, lineno,
@@ -409,6 +436,28 @@ manifest_parse (const char *where, const char *text, size_t len,
                   "(the store is damaged)", where, m->job.id, m->job.name);
       goto err;
     }
+    /* Its id came from next-id like any other (a revert's map is named
+     * after it, and dropped once it ends).
+     */
+    if (m->job.id == 0 || m->job.id >= m->next_id) {
+      snap_error ("%s: job %" PRIu64 " has an id outside 1..next-id "
+                  "(the store is damaged)", where, m->job.id);
+      goto err;
+    }
+    /* A row delete commits or streams; a cbw delete moves, and has no
+     * output.
+     */
+    if (m->job.kind == JOB_DELETE &&
+        (m->mode == MODE_CBW
+         ? m->job.strategy != STRATEGY_MOVE || m->job.output[0] != '\0'
+         : m->job.strategy == STRATEGY_MOVE)) {
+      snap_error ("%s: job %" PRIu64 " is a delete by %s%s, which a %s "
+                  "store does not make (the store is damaged)",
+                  where, m->job.id, strategy_names[m->job.strategy],
+                  m->job.output[0] ? " with an output" : "",
+                  mode_names[m->mode]);
+      goto err;
+    }
   }
   for (size_t i = 0; i < m->ndrops; ++i)
     if (m->drops[i] >= m->next_id || manifest_uses (m, m->drops[i])) {
@@ -420,7 +469,11 @@ manifest_parse (const char *where, const char *text, size_t len,
   return 0;
 
  err:
+  /* Nothing of a manifest that failed stays (an origin-path read
+   * before its line was found wrong, say).
+   */
   manifest_free (m);
+  memset (m, 0, sizeof *m);
   return -1;
 }
 
@@ -431,6 +484,7 @@ manifest_load (const char *dir, struct manifest *m)
   CLEANUP_CLOSE int fd = -1;
   struct stat st;
 
+  memset (m, 0, sizeof *m);
   if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1) {
     snap_error ("asprintf: %m");
     return -1;
