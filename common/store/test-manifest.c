@@ -226,6 +226,59 @@ main (void)
                        "keep-bitmap=0 output=-\n",
                        "delete by stream, which a cbw store");
   }
+  /* Duplicates anywhere in the lists (found on sorted copies). */
+  expect_body_error ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                     "block-size 4096\nsize 1\nnext-id 9\n"
+                     "checkpoint x kind=bitmap created=1 map=1\n"
+                     "checkpoint y kind=bitmap created=1 map=2\n"
+                     "checkpoint x kind=bitmap created=1 map=3\n",
+                     "checkpoint 'x' appears twice");
+  expect_body_error ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                     "block-size 4096\nsize 1\nnext-id 9\n"
+                     "checkpoint x kind=bitmap created=1 map=4\n"
+                     "checkpoint y kind=bitmap created=1 map=2\n"
+                     "checkpoint z kind=bitmap created=1 map=4\n",
+                     "map 4 is named by two checkpoints");
+  expect_body_error ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+                     "block-size 4096\nsize 1\nnext-id 9\nlayer 3\n"
+                     "checkpoint x kind=bitmap created=1 map=3\n",
+                     "names map 3, which is a layer");
+  {
+    /* Drops are kept once each, in order. */
+    char *t = with_crc ("nbdkit-snapshot-store 1\ngeneration 1\n"
+                        "mode row\nblock-size 4096\nsize 1\nnext-id 9\n"
+                        "drop 5\ndrop 2\ndrop 5\ndrop 8\n");
+    assert (manifest_parse ("t", t, strlen (t), &m2) == 0);
+    assert (m2.ndrops == 3 && m2.drops[0] == 2 && m2.drops[1] == 5 &&
+            m2.drops[2] == 8);
+    manifest_free (&m2);
+    free (t);
+  }
+  {
+    /* Many checkpoints: every check is O(n log n) (comparing each
+     * line with every other would take seconds here).
+     */
+    const size_t n = 50000;
+    FILE *fp;
+    char *body = NULL, *t;
+    size_t blen = 0;
+
+    assert ((fp = open_memstream (&body, &blen)) != NULL);
+    fprintf (fp, "nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
+             "block-size 4096\nsize 1\nnext-id %zu\n", 2 * n + 1);
+    for (size_t i = 0; i < n; ++i)
+      fprintf (fp, "layer %zu\n", 2 * i + 1);
+    for (size_t i = 0; i < n; ++i)
+      fprintf (fp, "checkpoint c%zu kind=snapshot created=1 layer=%zu "
+               "map=%zu\n", i, 2 * i + 1, 2 * i + 2);
+    assert (fclose (fp) == 0);
+    t = with_crc (body);
+    assert (manifest_parse ("t", t, strlen (t), &m2) == 0);
+    assert (m2.nckpts == n && m2.nlayers == n);
+    manifest_free (&m2);
+    free (t);
+    free (body);
+  }
   /* Sizes and ids past what a volume and the id counter can reach. */
   expect_body_error ("nbdkit-snapshot-store 1\ngeneration 1\nmode row\n"
                      "block-size 4096\nsize 9223372036854775808\n"
