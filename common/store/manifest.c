@@ -1,6 +1,7 @@
 /* nbdkit-snapshot: the store manifest (see manifest.h for the format). */
 #include <config.h>
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -83,6 +84,182 @@ manifest_format (const struct manifest *m, size_t *len)
   return buf;
 }
 
+/* Append id to the array *ids of *n (a drop line: duplicates are
+ * removed by check_refs).  Return 0, or -1 with errno set.
+ */
+static int
+add_id (uint64_t **ids, size_t *n, uint64_t id)
+{
+  uint64_t *p = realloc (*ids, (*n + 1) * sizeof *p);
+
+  if (p == NULL)
+    return -1;
+  *ids = p;
+  p[(*n)++] = id;
+  return 0;
+}
+
+static int
+cmp_u64 (const void *a, const void *b)
+{
+  const uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+
+  return x < y ? -1 : x > y;
+}
+
+/* Checkpoints by name, and in the list's order among equal names. */
+static int
+cmp_ckpt_name (const void *a, const void *b)
+{
+  const struct manifest_checkpoint *x = *(const struct manifest_checkpoint
+                                          *const *) a;
+  const struct manifest_checkpoint *y = *(const struct manifest_checkpoint
+                                          *const *) b;
+  const int r = strcmp (x->name, y->name);
+
+  return r ? r : (x < y ? -1 : x > y);
+}
+
+/* Whether the ascending array ids of n holds id. */
+static bool
+sorted_has (const uint64_t *ids, size_t n, uint64_t id)
+{
+  return n > 0 && bsearch (&id, ids, n, sizeof *ids, cmp_u64) != NULL;
+}
+
+/* The checks beyond the syntax (manifest.h) of the parsed m, on sorted
+ * copies of its names and ids, so that a manifest of n lines costs
+ * O(n log n) however many checkpoints it lists.  The drop list is
+ * sorted and loses its duplicates.  Return 0, or -1 after snap_error.
+ */
+static int
+check_refs (const char *where, struct manifest *m)
+{
+  CLEANUP_FREE const struct manifest_checkpoint **by_name = NULL;
+  CLEANUP_FREE uint64_t *maps = NULL;
+  const struct manifest_checkpoint *last_snap = NULL;
+  size_t n;
+
+  /* Layer ids increase (the parser checks), so m->layers is sorted. */
+  if (m->nlayers > 0 && m->layers[m->nlayers - 1] >= m->next_id) {
+    snap_error ("%s: next-id %" PRIu64 " is not above every layer id",
+                where, m->next_id);
+    return -1;
+  }
+  by_name = malloc ((m->nckpts + 1) * sizeof *by_name);
+  maps = malloc ((m->nckpts + 1) * sizeof *maps);
+  if (by_name == NULL || maps == NULL) {
+    snap_error ("%s: %m", where);
+    return -1;
+  }
+  for (size_t i = 0; i < m->nckpts; ++i) {
+    by_name[i] = &m->ckpts[i];
+    maps[i] = m->ckpts[i].map;
+  }
+  qsort (by_name, m->nckpts, sizeof *by_name, cmp_ckpt_name);
+  for (size_t i = 1; i < m->nckpts; ++i)
+    if (strcmp (by_name[i - 1]->name, by_name[i]->name) == 0) {
+      snap_error ("%s: checkpoint '%s' appears twice", where,
+                  by_name[i]->name);
+      return -1;
+    }
+
+  for (size_t i = 0; i < m->nckpts; ++i) {
+    const struct manifest_checkpoint *c = &m->ckpts[i];
+    if (c->map == 0 || c->map >= m->next_id) {
+      snap_error ("%s: checkpoint '%s' names map %" PRIu64
+                  " outside 1..next-id", where, c->name, c->map);
+      return -1;
+    }
+    if (sorted_has (m->layers, m->nlayers, c->map)) {
+      snap_error ("%s: checkpoint '%s' names map %" PRIu64 ", which is "
+                  "a layer (the store is damaged)", where, c->name, c->map);
+      return -1;
+    }
+    if (c->kind != CKPT_SNAPSHOT)
+      continue;
+    /* Snapshots name layers in order: two naming the same are next to
+     * each other.
+     */
+    if (c->layer >= m->next_id || (last_snap && c->layer < last_snap->layer)) {
+      snap_error ("%s: snapshot '%s' names layer %" PRIu64
+                  " out of order", where, c->name, c->layer);
+      return -1;
+    }
+    if (!sorted_has (m->layers, m->nlayers, c->layer)) {
+      snap_error ("%s: snapshot '%s' names layer %" PRIu64 ", which the "
+                  "manifest does not list (the store is damaged)",
+                  where, c->name, c->layer);
+      return -1;
+    }
+    if (last_snap && last_snap->layer == c->layer) {
+      snap_error ("%s: snapshots '%s' and '%s' both name layer %" PRIu64
+                  " (the store is damaged)", where, last_snap->name,
+                  c->name, c->layer);
+      return -1;
+    }
+    last_snap = c;
+  }
+  qsort (maps, m->nckpts, sizeof *maps, cmp_u64);
+  for (size_t i = 1; i < m->nckpts; ++i)
+    if (maps[i - 1] == maps[i]) {
+      snap_error ("%s: map %" PRIu64 " is named by two checkpoints "
+                  "(the store is damaged)", where, maps[i]);
+      return -1;
+    }
+
+  if (m->job.kind != JOB_NONE) {
+    ssize_t ci = manifest_find_checkpoint (m, m->job.name);
+    if (ci < 0 || m->ckpts[ci].kind != CKPT_SNAPSHOT) {
+      snap_error ("%s: job %" PRIu64 " names '%s', which is not a snapshot "
+                  "(the store is damaged)", where, m->job.id, m->job.name);
+      return -1;
+    }
+    /* Its id came from next-id like any other (a revert's map is named
+     * after it, and dropped once it ends).
+     */
+    if (m->job.id == 0 || m->job.id >= m->next_id) {
+      snap_error ("%s: job %" PRIu64 " has an id outside 1..next-id "
+                  "(the store is damaged)", where, m->job.id);
+      return -1;
+    }
+    /* A row delete commits or streams; a cbw delete moves, and has no
+     * output.
+     */
+    if (m->job.kind == JOB_DELETE &&
+        (m->mode == MODE_CBW
+         ? m->job.strategy != STRATEGY_MOVE || m->job.output[0] != '\0'
+         : m->job.strategy == STRATEGY_MOVE)) {
+      snap_error ("%s: job %" PRIu64 " is a delete by %s%s, which a %s "
+                  "store does not make (the store is damaged)",
+                  where, m->job.id, strategy_names[m->job.strategy],
+                  m->job.output[0] ? " with an output" : "",
+                  mode_names[m->mode]);
+      return -1;
+    }
+  }
+
+  if (m->ndrops > 0)
+    qsort (m->drops, m->ndrops, sizeof *m->drops, cmp_u64);
+  n = 0;
+  for (size_t i = 0; i < m->ndrops; ++i) {
+    const uint64_t id = m->drops[i];
+    if (n > 0 && m->drops[n - 1] == id)
+      continue;
+    if (id >= m->next_id || sorted_has (m->layers, m->nlayers, id) ||
+        sorted_has (maps, m->nckpts, id) ||
+        (m->job.kind == JOB_REVERT && m->job.id == id)) {
+      snap_error ("%s: drop %" PRIu64 " names an id %s (the store is "
+                  "damaged)", where, id,
+                  id >= m->next_id ? "not below next-id" : "in use");
+      return -1;
+    }
+    m->drops[n++] = id;
+  }
+  m->ndrops = n;
+  return 0;
+}
+
 /* Parse an unsigned decimal number that fills the whole string. */
 static int
 parse_u64 (const char *s, uint64_t *out)
@@ -141,14 +318,18 @@ manifest_parse (const char *where, const char *text, size_t len,
     }
 
     if (strncmp (line, "crc ", 4) == 0) {
-      uint32_t want = snap_crc32 (0, text, line - copy), found;
-      char *end;
-      errno = 0;
-      found = strtoul (line + 4, &end, 16);
-      if (errno || *end || end == line + 4) {
+      uint32_t want = snap_crc32 (0, text, line - copy), found = 0;
+      const char *h = line + 6;
+      /* "0x" and 1 to 8 hex digits, as manifest_format writes it. */
+      if (strncmp (line + 4, "0x", 2) != 0 || *h == '\0' ||
+          strlen (h) > 8 ||
+          strspn (h, "0123456789abcdefABCDEF") != strlen (h)) {
         snap_error ("%s: line %d: bad crc line", where, lineno);
         goto err;
       }
+      for (; *h; ++h)
+        found = found << 4 |
+          (isdigit ((unsigned char) *h) ? *h - '0' : (*h | 0x20) - 'a' + 10);
       if (found != want) {
         snap_error ("%s: checksum 0x%08" PRIx32 " does not match the "
                     "contents (0x%08" PRIx32 "): the manifest is damaged",
@@ -205,11 +386,6 @@ manifest_parse (const char *where, const char *text, size_t len,
                     where, lineno, name, snap_name_invalid (name));
         goto err;
       }
-      if (manifest_find_checkpoint (m, name) >= 0) {
-        snap_error ("%s: line %d: checkpoint '%s' appears twice",
-                    where, lineno, name);
-        goto err;
-      }
       strcpy (c.name, name);
       if (manifest_add_checkpoint (m, &c) == -1) {
         snap_error ("%s: %m", where);
@@ -220,7 +396,8 @@ manifest_parse (const char *where, const char *text, size_t len,
 
     if (strcmp (key, "job") == 0) {
       struct manifest_job *j = &m->job;
-      char strat[16], out[4096];
+      /* One byte more than a name may have, so a longer one shows. */
+      char name[SNAP_NAME_MAX + 2], strat[16], out[4096];
       int kb, end = -1;
       if (j->kind != JOB_NONE) {
         snap_error ("%s: line %d: a second job", where, lineno);
@@ -228,10 +405,12 @@ manifest_parse (const char *where, const char *text, size_t len,
       }
       if (sscanf (line, "job %" SCNu64 " delete %65s strategy=%15s "
                   "keep-bitmap=%d output=%4095s%n",
-                  &j->id, j->name, strat, &kb, out, &end) == 5 &&
+                  &j->id, name, strat, &kb, out, &end) == 5 &&
           end >= 0 && line[end] == '\0' &&
           (strcmp (strat, "commit") == 0 || strcmp (strat, "stream") == 0 ||
-           strcmp (strat, "move") == 0)) {
+           strcmp (strat, "move") == 0) &&
+          (kb == 0 || kb == 1) &&
+          (strcmp (out, "-") == 0 || out[0] == '/')) {
         j->kind = JOB_DELETE;
         j->strategy = strcmp (strat, "commit") == 0 ? STRATEGY_COMMIT
           : strcmp (strat, "stream") == 0 ? STRATEGY_STREAM : STRATEGY_MOVE;
@@ -241,13 +420,19 @@ manifest_parse (const char *where, const char *text, size_t len,
       }
       else if ((end = -1,
                 sscanf (line, "job %" SCNu64 " revert %65s%n",
-                        &j->id, j->name, &end) == 2) &&
+                        &j->id, name, &end) == 2) &&
                end >= 0 && line[end] == '\0')
         j->kind = JOB_REVERT;
       else {
         snap_error ("%s: line %d: bad job line", where, lineno);
         goto err;
       }
+      if (snap_name_invalid (name)) {
+        snap_error ("%s: line %d: invalid name '%s': %s",
+                    where, lineno, name, snap_name_invalid (name));
+        goto err;
+      }
+      strcpy (j->name, name);
       continue;
     }
     if (strcmp (key, "origin") == 0 && n == 2 &&
@@ -319,12 +504,25 @@ manifest_parse (const char *where, const char *text, size_t len,
       }
       m->block_size = v, seen |= K_BS;
     }
-    else if (strcmp (key, "size") == 0)
+    else if (strcmp (key, "size") == 0) {
+      /* The most an NBD export (and a file) can hold. */
+      if (v > INT64_MAX) {
+        snap_error ("%s: line %d: size %" PRIu64 " is too large",
+                    where, lineno, v);
+        goto err;
+      }
       m->size = v, seen |= K_SIZE;
-    else if (strcmp (key, "next-id") == 0)
+    }
+    else if (strcmp (key, "next-id") == 0) {
+      if (v > MANIFEST_ID_MAX) {
+        snap_error ("%s: line %d: next-id %" PRIu64 " is too large",
+                    where, lineno, v);
+        goto err;
+      }
       m->next_id = v, seen |= K_NEXT;
+    }
     else if (strcmp (key, "drop") == 0) {
-      if (v == 0 || manifest_add_drop (m, v) == -1) {
+      if (v == 0 || add_id (&m->drops, &m->ndrops, v) == -1) {
         snap_error ("%s: line %d: %s", where, lineno,
                     v == 0 ? "bad drop line" : strerror (errno));
         goto err;
@@ -356,71 +554,16 @@ manifest_parse (const char *where, const char *text, size_t len,
     snap_error ("%s: a required key is missing", where);
     goto err;
   }
-  if (m->nlayers > 0 && m->layers[m->nlayers - 1] >= m->next_id) {
-    snap_error ("%s: next-id %" PRIu64 " is not above every layer id",
-                where, m->next_id);
+  if (check_refs (where, m) == -1)
     goto err;
-  }
-  uint64_t last_layer = 0;
-  for (size_t i = 0; i < m->nckpts; ++i) {
-    const struct manifest_checkpoint *c = &m->ckpts[i];
-    if (c->map == 0 || c->map >= m->next_id) {
-      snap_error ("%s: checkpoint '%s' names map %" PRIu64
-                  " outside 1..next-id", where, c->name, c->map);
-      goto err;
-    }
-    if (c->kind != CKPT_SNAPSHOT)
-      continue;
-    if (c->layer >= m->next_id || c->layer < last_layer) {
-      snap_error ("%s: snapshot '%s' names layer %" PRIu64
-                  " out of order", where, c->name, c->layer);
-      goto err;
-    }
-    last_layer = c->layer;
-    if (!manifest_has_layer (m, c->layer)) {
-      snap_error ("%s: snapshot '%s' names layer %" PRIu64 ", which the "
-                  "manifest does not list (the store is damaged)",
-                  where, c->name, c->layer);
-      goto err;
-    }
-    for (size_t k = 0; k < i; ++k)
-      if (m->ckpts[k].kind == CKPT_SNAPSHOT && m->ckpts[k].layer == c->layer) {
-        snap_error ("%s: snapshots '%s' and '%s' both name layer %" PRIu64
-                    " (the store is damaged)", where, m->ckpts[k].name,
-                    c->name, c->layer);
-        goto err;
-      }
-  }
-  for (size_t i = 0; i < m->nckpts; ++i) {
-    const struct manifest_checkpoint *c = &m->ckpts[i];
-    bool dup = manifest_has_layer (m, c->map);
-    for (size_t k = 0; k < i; ++k)
-      dup |= m->ckpts[k].map == c->map;
-    if (dup) {
-      snap_error ("%s: checkpoint '%s' names map %" PRIu64 ", which is "
-                  "used twice (the store is damaged)", where, c->name, c->map);
-      goto err;
-    }
-  }
-  if (m->job.kind != JOB_NONE) {
-    ssize_t ci = manifest_find_checkpoint (m, m->job.name);
-    if (ci < 0 || m->ckpts[ci].kind != CKPT_SNAPSHOT) {
-      snap_error ("%s: job %" PRIu64 " names '%s', which is not a snapshot "
-                  "(the store is damaged)", where, m->job.id, m->job.name);
-      goto err;
-    }
-  }
-  for (size_t i = 0; i < m->ndrops; ++i)
-    if (m->drops[i] >= m->next_id || manifest_uses (m, m->drops[i])) {
-      snap_error ("%s: drop %" PRIu64 " names an id %s (the store is "
-                  "damaged)", where, m->drops[i],
-                  m->drops[i] >= m->next_id ? "not below next-id" : "in use");
-      goto err;
-    }
   return 0;
 
  err:
+  /* Nothing of a manifest that failed stays (an origin-path read
+   * before its line was found wrong, say).
+   */
   manifest_free (m);
+  memset (m, 0, sizeof *m);
   return -1;
 }
 
@@ -431,6 +574,7 @@ manifest_load (const char *dir, struct manifest *m)
   CLEANUP_CLOSE int fd = -1;
   struct stat st;
 
+  memset (m, 0, sizeof *m);
   if (asprintf (&path, "%s/%s", dir, MANIFEST_NAME) == -1) {
     snap_error ("asprintf: %m");
     return -1;

@@ -46,10 +46,13 @@
  * origin.  The crc line is the CRC-32 (util.h) of every byte before
  * it.
  *
- * Checks beyond the syntax: ids are below next-id; every snapshot names
+ * Checks beyond the syntax: ids are below next-id, which is at most
+ * MANIFEST_ID_MAX, and the size at most INT64_MAX; every snapshot names
  * a listed layer, and no two the same; no two checkpoints share a map,
- * and no map is a layer; a job names a snapshot; a dropped id is not
- * in use.
+ * and no map is a layer; a job names a snapshot, with an id of its
+ * own, and a delete's strategy is one the store's mode makes (row:
+ * commit or stream, with an absolute output path or "-"; cbw: move,
+ * no output); a dropped id is not in use.
  *
  * Thread safety: none; the filter serialises manifest changes.
  */
@@ -64,6 +67,9 @@
 
 #define MANIFEST_NAME "manifest"
 #define MANIFEST_VERSION 1
+
+/* The largest next-id: every id is below it, so id + 1 never wraps. */
+#define MANIFEST_ID_MAX ((uint64_t) INT64_MAX)
 
 enum snap_mode { MODE_ROW = 0, MODE_CBW = 1 };
 
@@ -123,15 +129,17 @@ struct manifest {
 extern char *manifest_format (const struct manifest *m, size_t *len)
   __attribute__ ((__nonnull__ (1, 2)));
 
-/* Parse text into m (which this initialises).  On error return -1
- * and call snap_error with "LINE N: what is wrong" prefixed by where.
+/* Parse text into m (which this initialises).  On error return -1,
+ * with m empty, and call snap_error with "LINE N: what is wrong"
+ * prefixed by where.
  */
 extern int manifest_parse (const char *where, const char *text, size_t len,
                            struct manifest *m)
   __attribute__ ((__nonnull__ (1, 2, 4)));
 
-/* Load DIR/manifest.  Return 1 if loaded, 0 if there is no manifest
- * (a new store), -1 on error (reported with snap_error).
+/* Load DIR/manifest into m (which this initialises: empty unless
+ * loaded).  Return 1 if loaded, 0 if there is no manifest (a new
+ * store), -1 on error (reported with snap_error).
  */
 extern int manifest_load (const char *dir, struct manifest *m)
   __attribute__ ((__nonnull__ (1, 2)));

@@ -57,7 +57,9 @@ store_file_classify (const char *name, uint64_t *id)
       continue;
     errno = 0;
     *id = strtoull (name + plen, &end, 10);
-    if (errno == 0 && strcmp (end, id_forms[i].suffix) == 0)
+    /* An id no manifest can have (manifest.h) is no store file. */
+    if (errno == 0 && *id < MANIFEST_ID_MAX &&
+        strcmp (end, id_forms[i].suffix) == 0)
       return id_forms[i].kind;
   }
   return STORE_FILE_OTHER;

@@ -49,7 +49,8 @@ enum store_file {
 
 /* What the file name (a directory entry, no '/') is in a store; for
  * the kinds named after an id (layer, dirty and revert files, data
- * links), set *id.
+ * links), set *id.  A name with an id no manifest can have (at least
+ * MANIFEST_ID_MAX) is STORE_FILE_OTHER.
  */
 extern enum store_file store_file_classify (const char *name, uint64_t *id)
   __attribute__ ((__nonnull__ (1, 2)));

@@ -148,6 +148,17 @@ test_classify (void)
   assert (store_file_classify ("layer--1.data", &id) == STORE_FILE_OTHER);
   assert (store_file_classify ("dirty-1.data", &id) == STORE_FILE_OTHER);
   assert (store_file_classify ("README", &id) == STORE_FILE_OTHER);
+  /* Ids no manifest can have (the filter's sweep would set next-id
+   * past them: id + 1 must not wrap).
+   */
+  assert (store_file_classify ("layer-9223372036854775806.map", &id) ==
+          STORE_FILE_LAYER_MAP && id == UINT64_C (9223372036854775806));
+  assert (store_file_classify ("layer-9223372036854775807.map", &id) ==
+          STORE_FILE_OTHER);
+  assert (store_file_classify ("dirty-18446744073709551615.map", &id) ==
+          STORE_FILE_OTHER);
+  assert (store_file_classify ("dirty-18446744073709551616.map", &id) ==
+          STORE_FILE_OTHER);
   path = store_file_path ("/s", STORE_FILE_DIRTY_MAP, 42);
   assert (path && strcmp (path, "/s/dirty-42.map") == 0);
   free (path);

@@ -678,7 +678,7 @@ static const struct {
 };
 
 /* Handle one request line; return the reply (malloc'd) or NULL. */
-static char *
+char *
 handle_request (const char *line, size_t len)
 {
   CLEANUP_FREE char *errmsg = NULL;

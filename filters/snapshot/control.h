@@ -12,6 +12,13 @@ extern int control_listen (const char *path);
 extern int control_start (void);
 extern void control_stop (void);
 
+/* Handle one request line (len bytes, no newline) as a client's, and
+ * return the reply line (malloc'd, no newline), or NULL when a "wait"
+ * was left pending (only for a client of the socket) or out of memory.
+ * The store must be open.
+ */
+extern char *handle_request (const char *line, size_t len);
+
 /* Describe checkpoint index i as JSON members.  Store lock held. */
 struct jw;
 extern void describe_checkpoint (struct jw *w, size_t i);

@@ -770,6 +770,24 @@ store_drop_id (uint64_t id)
   return manifest_add_drop (&store.m, id);
 }
 
+/* Close the layers, the checkpoints' maps and the intent map (what
+ * store_open opens), as store_load left the store.
+ */
+static void
+close_files (void)
+{
+  intent_close ();
+  for (size_t i = 0; store.maps && i < store.m.nckpts; ++i)
+    ckpt_map_free (store.maps[i]);
+  free (store.maps);
+  store.maps = NULL;
+  for (size_t i = 0; i < store.nlayers; ++i)
+    layer_free (store.layers[i]);
+  free (store.layers);
+  store.layers = NULL;
+  store.nlayers = 0;
+}
+
 int
 store_open (uint64_t origin_size)
 {
@@ -815,30 +833,34 @@ store_open (uint64_t origin_size)
     bool newest = i == store.m.nlayers - 1;
     store.layers[i] = layer_open (store.m.layers[i], newest);
     if (store.layers[i] == NULL)
-      return -1;
+      goto err;
     store.nlayers++;
   }
   store.maps = calloc (store.m.nckpts + 1, sizeof *store.maps);
   if (store.maps == NULL) {
     nbdkit_error ("calloc: %m");
-    return -1;
+    goto err;
   }
   for (size_t i = 0; i < store.m.nckpts; ++i) {
     store.maps[i] = ckpt_map_open (store.m.ckpts[i].map,
                                    i == store.m.nckpts - 1);
     if (store.maps[i] == NULL)
-      return -1;
+      goto err;
   }
   if (intent_open () == -1)
-    return -1;
+    goto err;
   if (ckpt_recover_active () == -1) {
     nbdkit_error ("%s: recovering the newest dirty map: %m", store.dir);
-    return -1;
+    goto err;
   }
   nbdkit_debug ("snapshot: store %s: %zu layers, %zu checkpoints, "
                 "block size %" PRIu32,
                 store.dir, store.nlayers, store.m.nckpts, store.block_size);
   return 0;
+
+ err:
+  close_files ();
+  return -1;
 }
 
 /* Seal every layer and map that is not (a clean stop: nothing changes
@@ -882,16 +904,7 @@ store_close (void)
     persisted = store.maps != NULL;
   if (persisted)
     store_seal_all ();
-  intent_close ();
-  for (size_t i = 0; store.maps && i < store.m.nckpts; ++i)
-    ckpt_map_free (store.maps[i]);
-  free (store.maps);
-  store.maps = NULL;
-  for (size_t i = 0; i < store.nlayers; ++i)
-    layer_free (store.layers[i]);
-  free (store.layers);
-  store.layers = NULL;
-  store.nlayers = 0;
+  close_files ();
   manifest_free (&store.m);
   if (store.lock_fd >= 0)
     close (store.lock_fd);

@@ -183,7 +183,8 @@ extern int store_lock (const char *dir)
 extern int store_load (void);
 
 /* Open or create the store for an origin of the given size.  Return 0
- * or -1 (error reported).
+ * or -1 (error reported; what it opened is closed again, and
+ * store_close ends the rest).
  */
 extern int store_open (uint64_t origin_size);
 
