@@ -21,12 +21,3 @@ snap_verror (const char *fs, va_list args)
     fprintf (stderr, "error: %s\n", buf);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}

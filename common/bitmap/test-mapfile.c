@@ -38,15 +38,6 @@ snap_verror (const char *fs, va_list args)
   fprintf (stderr, "test-mapfile: (expected) %s\n", last_error);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}
-
 #define PB SBITMAP_PAGE_BITS
 
 static char dir[] = "/tmp/test-mapfile.XXXXXX";

@@ -24,15 +24,6 @@ snap_verror (const char *fs, va_list args)
   fputc ('\n', stderr);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}
-
 #define PB SBITMAP_PAGE_BITS
 
 /* A small deterministic PRNG (xorshift64*), so runs are repeatable. */

@@ -21,15 +21,6 @@ snap_verror (const char *fs, va_list args)
   fprintf (stderr, "error: %s\n", last_error);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}
-
 /* Parse text and expect an error containing want. */
 static void
 expect_error (const char *text, const char *want)

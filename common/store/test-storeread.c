@@ -27,15 +27,6 @@ snap_verror (const char *fs, va_list args)
   fputc ('\n', stderr);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}
-
 static uint64_t rng_state = 0x9e3779b97f4a7c15;
 
 static uint64_t

@@ -19,15 +19,6 @@ snap_verror (const char *fs, va_list args)
   fputc ('\n', stderr);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}
-
 /* CRC-32 a bit at a time: the definition the fast one must match. */
 static uint32_t
 crc_bitwise (uint32_t crc, const unsigned char *p, size_t len)

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -261,4 +262,14 @@ void
 name_thread (const char *name)
 {
   (void) pthread_setname_np (pthread_self (), name);
+}
+
+void
+snap_error (const char *fs, ...)
+{
+  va_list args;
+
+  va_start (args, fs);
+  snap_verror (fs, args);
+  va_end (args);
 }

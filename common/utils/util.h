@@ -49,9 +49,10 @@ snap_mix64 (uint64_t x)
  */
 extern int64_t snap_now_ns (void);
 
-/* Error reporting used by common/ code.  Each program (the filter,
- * nbdsnap, the unit tests) provides its own definition: the filter
- * forwards to nbdkit_verror, nbdsnap prints "nbdsnap: ...".
+/* Error reporting used by common/ code.  snap_error is defined here,
+ * on top of snap_verror, which each program (the filter, the plugin,
+ * nbdsnap, the unit tests) provides: the filter and the plugin forward
+ * to nbdkit_verror, nbdsnap prints "nbdsnap: ...".
  */
 extern void snap_error (const char *fs, ...)
   __attribute__ ((format (printf, 1, 2)));

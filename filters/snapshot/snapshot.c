@@ -79,21 +79,11 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_intent_clear_ms = 5000;
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_origin_probe_ms = 10000;
 
-/* common/ code reports errors through these. */
+/* common/ code reports errors through this (and snap_error, util.c). */
 void
 snap_verror (const char *fs, va_list args)
 {
   nbdkit_verror (fs, args);
-}
-
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-
-  va_start (args, fs);
-  nbdkit_verror (fs, args);
-  va_end (args);
 }
 
 static int

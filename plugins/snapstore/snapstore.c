@@ -71,21 +71,11 @@ struct view_index {
 static struct view_index *views;
 static pthread_mutex_t index_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* common/ code reports errors through these. */
+/* common/ code reports errors through this (and snap_error, util.c). */
 void
 snap_verror (const char *fs, va_list args)
 {
   nbdkit_verror (fs, args);
-}
-
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-
-  va_start (args, fs);
-  nbdkit_verror (fs, args);
-  va_end (args);
 }
 
 static int

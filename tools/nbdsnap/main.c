@@ -153,16 +153,6 @@ snap_verror (const char *fs, va_list args)
   fputc ('\n', stderr);
 }
 
-void
-snap_error (const char *fs, ...)
-{
-  va_list args;
-
-  va_start (args, fs);
-  snap_verror (fs, args);
-  va_end (args);
-}
-
 static void usage (FILE *fp, int exit_code) __attribute__ ((noreturn));
 
 static void
