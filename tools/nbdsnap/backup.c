@@ -39,6 +39,14 @@
  * in this single thread, with libnbd's lock held: they call no nbd_*
  * function and record a failure in struct backup instead.
  *
+ * Write-back of FILE runs beside the copy: every WRITEBACK_BATCH bytes
+ * written, a second thread (struct writeback) starts writing back what
+ * is dirty, without waiting for it.  Starting write-back submits the
+ * pages to the disk and can block for milliseconds when its queue is
+ * full; in that thread the copy goes on meanwhile, and the final fsync
+ * (or the chain's fdatasync of its new layer) waits only for the last
+ * batch.
+ *
  * Progress counts bytes of the export dealt with: skipped extents when
  * they are seen, data when its write completes.  It shows 100% only
  * after the final fsync.
@@ -48,6 +56,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -215,7 +224,8 @@ struct backup {
   bool started;                 /* the copy has begun */
   bool written;                 /* FILE has been changed */
   bool failed;                  /* an error has been printed */
-  uint64_t unkicked;            /* bytes written since writeback began */
+  uint64_t unkicked;            /* bytes written since the last kick */
+  struct writeback *writeback;  /* or NULL */
   struct progress progress;
 };
 
@@ -241,24 +251,98 @@ nbd_failure (struct backup *b, const char *what)
 }
 
 /* Write-back of FILE starts every this many bytes written. */
-#define WRITEBACK_BATCH (8 * 1024 * 1024)
+#define WRITEBACK_BATCH (2 * 1024 * 1024)
 
-/* Count n bytes just written to FILE, and every WRITEBACK_BATCH bytes
- * start writing back what is dirty, without waiting for it: the disk
- * then works while the copy goes on, and the final fsync (or the
- * chain's fdatasync of its new layer) waits only for the last batch.
- * A failure here is harmless: fsync reports errors of the data.
+/* The thread that starts write-back of FILE when asked. */
+struct writeback {
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  int fd;
+  bool kick;                    /* asked to start write-back */
+  bool stop;
+};
+
+static void *
+writeback_thread (void *vp)
+{
+  struct writeback *w = vp;
+
+  pthread_mutex_lock (&w->lock);
+  for (;;) {
+    while (!w->kick && !w->stop)
+      pthread_cond_wait (&w->cond, &w->lock);
+    if (!w->kick)
+      break;
+    w->kick = false;
+    pthread_mutex_unlock (&w->lock);
+    /* A failure here is harmless: fsync reports errors of the data. */
+#ifdef SYNC_FILE_RANGE_WRITE
+    (void) sync_file_range (w->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+#endif
+    pthread_mutex_lock (&w->lock);
+  }
+  pthread_mutex_unlock (&w->lock);
+  return NULL;
+}
+
+/* Start the write-back thread of b->fd.  Without it (no memory, no
+ * thread) the copy works the same, and the final sync writes all.
+ */
+static void
+writeback_start (struct backup *b)
+{
+  struct writeback *w = calloc (1, sizeof *w);
+
+  if (w == NULL)
+    return;
+  pthread_mutex_init (&w->lock, NULL);
+  pthread_cond_init (&w->cond, NULL);
+  w->fd = b->fd;
+  if (pthread_create (&w->thread, NULL, writeback_thread, w) != 0) {
+    pthread_cond_destroy (&w->cond);
+    pthread_mutex_destroy (&w->lock);
+    free (w);
+    return;
+  }
+  b->writeback = w;
+}
+
+/* Stop the thread, once any write-back it is starting is started. */
+static void
+writeback_stop (struct backup *b)
+{
+  struct writeback *w = b->writeback;
+
+  if (w == NULL)
+    return;
+  pthread_mutex_lock (&w->lock);
+  w->stop = true;
+  pthread_cond_signal (&w->cond);
+  pthread_mutex_unlock (&w->lock);
+  pthread_join (w->thread, NULL);
+  pthread_cond_destroy (&w->cond);
+  pthread_mutex_destroy (&w->lock);
+  free (w);
+  b->writeback = NULL;
+}
+
+/* Count n bytes just written to FILE; every WRITEBACK_BATCH bytes ask
+ * the write-back thread to start writing back what is dirty.
  */
 static void
 wrote (struct backup *b, uint64_t n)
 {
+  struct writeback *w = b->writeback;
+
   b->unkicked += n;
-  if (b->unkicked < WRITEBACK_BATCH)
+  if (b->unkicked < WRITEBACK_BATCH || w == NULL)
     return;
   b->unkicked = 0;
-#ifdef SYNC_FILE_RANGE_WRITE
-  (void) sync_file_range (b->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-#endif
+  pthread_mutex_lock (&w->lock);
+  w->kick = true;
+  pthread_cond_signal (&w->cond);
+  pthread_mutex_unlock (&w->lock);
 }
 
 static bool
@@ -845,8 +929,10 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
 
   b.started = true;
   progress_update (&b.progress, 0, b.size);
+  writeback_start (&b);
   if (copy_export (&b, have_status) == -1)
     goto out;
+  writeback_stop (&b);
   if (b.chain) {
     if (chain_commit (b.chain) == -1) {
       progress_abandon (&b.progress);
@@ -878,6 +964,7 @@ run_backup (const struct command *cmd, char **operands, FILE *out)
   }
   /* Reads still in flight write to b.fd until they are done. */
   disconnect (&b);
+  writeback_stop (&b);
   if (b.chain) {
     b.fd = -1;
     if (r == -1)
