@@ -22,7 +22,11 @@
  * its pages that Ln lacks is read from the origin and written to Ln,
  * its bit set, and Ln made durable, data then map (layer_sync: one
  * flush shared by the concurrent writers), so the old contents are on
- * disk before the origin is overwritten.  The write's pages are locked
+ * disk before the origin is overwritten.  A small write to pages Ln
+ * lacks, all of them, is acknowledged before that sync: its pages
+ * wait in pending.c, which syncs Ln once for all the writes waiting
+ * and then writes them into the origin (see there for what clients
+ * see meanwhile).  The write's pages are locked
  * (store.pages) from the preserve to the end of the origin write, so
  * two writes to one page preserve it once; writes to other pages go
  * on.  A reader of a snapshot that finds no layer holding a page reads
@@ -70,6 +74,7 @@
 #include "kind.h"
 #include "mapfile.h"
 #include "origin.h"
+#include "pending.h"
 #include "store.h"
 #include "util.h"
 
@@ -105,6 +110,7 @@ cbw_live_view (struct view *v, struct view *below)
     return;
   }
   view_of_layers (v, 0, 0, false);      /* the origin */
+  v->pending = true;
 }
 
 /* ---- Preserving ---- */
@@ -351,6 +357,63 @@ revert_map_path (uint64_t id)
 
 enum op { OP_WRITE, OP_ZERO, OP_TRIM };
 
+/* Defer a write to pages [first, last] if they are all new to the
+ * newest layer (pending.c): keep their old contents in the layer, put
+ * the new pages in the table, and return 1 (done: the write is
+ * acknowledged).  Return 0 if the write is not for deferring, STORE_FULL
+ * or -1 (*err set) as preserve does.  The pages are locked.
+ */
+static int
+defer_write (nbdkit_next *next, const void *buf, uint32_t count,
+             uint64_t offset, uint64_t first, uint64_t last, int *err)
+{
+  struct layer *l = store.layers[store.nlayers - 1];
+  const uint64_t n = last - first + 1;
+  char *data;
+
+  if (sbitmap_count_range (&l->map, first, n) != 0)
+    return 0;
+  if (max_size_param) {
+    int r = store_room (n, err);
+    if (r != 0)
+      return r;
+  }
+  if (!pending_reserve (n))
+    return 0;
+  data = malloc (n * PAGE_SIZE_BYTES);
+  if (data == NULL) {
+    *err = errno;
+    nbdkit_error ("malloc: %m");
+    pending_unreserve (n);
+    return -1;
+  }
+  /* The old pages (a short last page of the volume: the rest stays
+   * zero), kept in the layer as preserve does.
+   */
+  memset (data + (n - 1) * PAGE_SIZE_BYTES, 0, PAGE_SIZE_BYTES);
+  if (origin_read_pages (next, data, first, last + 1, err) == -1)
+    goto err;
+  if (layer_put (l, data, first, last + 1) == -1) {
+    *err = errno;
+    nbdkit_error ("layer %" PRIu64 ": keeping the old contents: %m", l->id);
+    for (uint64_t p = first; p <= last; ++p)
+      sbitmap_clear (&l->map, p);
+    goto err;
+  }
+  /* The new pages: the old ones with the write over them. */
+  memcpy (data + (offset - run_off (first)), buf, count);
+  if (pending_add (l, first, n, data) == -1) {
+    *err = errno;
+    return -1;
+  }
+  return 1;
+
+ err:
+  free (data);
+  pending_unreserve (n);
+  return -1;
+}
+
 static int
 cbw_write (nbdkit_next *next, enum op op, const void *buf, uint32_t count,
            uint64_t offset, uint32_t flags, int *err)
@@ -365,6 +428,22 @@ cbw_write (nbdkit_next *next, enum op op, const void *buf, uint32_t count,
     return -1;
   if (store.nlayers > 0 || reverting) {
     rangelock_acquire (&store.pages, &r, first, last);
+    if (op == OP_WRITE && !reverting && !(flags & NBDKIT_FLAG_FUA) &&
+        last - first < PENDING_MAX_WRITE_PAGES) {
+      ret = defer_write (next, buf, count, offset, first, last, err);
+      if (ret != 0) {
+        rangelock_release (&store.pages, &r);
+        return ret == 1 ? 0 : ret;
+      }
+    }
+    /* Deferred writes to these pages go first. */
+    if (pending_wait_range (first, last) == -1) {
+      *err = errno;
+      nbdkit_error ("an earlier write to these pages has not reached the "
+                    "origin yet: %m");
+      rangelock_release (&store.pages, &r);
+      return -1;
+    }
     if (reverting)
       ret = revert_before_write (next, first, last, err);
     if (ret == 0)
@@ -436,6 +515,11 @@ cbw_trim (nbdkit_next *next, uint32_t count, uint64_t offset,
 static int
 cbw_flush (nbdkit_next *next, uint32_t flags, int *err)
 {
+  if (pending_flush () == -1) {
+    *err = errno;
+    nbdkit_error ("flush: a deferred write was lost: %m");
+    return -1;
+  }
   if (origin_client_flush (next, flags, err) == -1)
     return -1;
   if (store.revert_depth >= 0 && revert_save (next) == -1) {
@@ -785,6 +869,7 @@ cbw_plan (struct job *j, char **errmsg)
 static void
 cbw_close (void)
 {
+  pending_stop ();
   if (store.revert_fd >= 0 && revert_save (NULL) == -1)
     nbdkit_error ("snapshot: saving the revert's progress: %m");
   revert_close ();

@@ -41,6 +41,7 @@
 #include "cleanup.h"
 #include "job.h"
 #include "origin.h"
+#include "pending.h"
 #include "store.h"
 #include "util.h"
 
@@ -212,6 +213,7 @@ job_main (void *arg)
   }
   {
     ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    pending_settle ();          /* deferred writes reach the origin */
     if (r == 0)
       r = j->ops->finish (j, &errmsg);
     else {
@@ -450,6 +452,7 @@ job_start_delete (const char *name, int strategy, const char *output,
                   char **errmsg)
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  pending_settle ();          /* deferred writes reach the origin */
   ssize_t ci = job_snapshot (name, false, errmsg);
   struct job *j;
   bool push = false;
@@ -478,6 +481,7 @@ uint64_t
 job_start_revert (const char *name, char **errmsg)
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  pending_settle ();          /* deferred writes reach the origin */
   ssize_t ci = job_snapshot (name, true, errmsg);
   struct job *j;
   bool push = false;
@@ -520,6 +524,7 @@ job_resume (void)
   j->resumed = true;
   {
     ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    pending_settle ();          /* deferred writes reach the origin */
     CLEANUP_FREE char *errmsg = NULL;
 
     if (store.kind->plan (j, &errmsg) == -1) {

@@ -41,6 +41,10 @@ struct view {
    * before the origin was overwritten).
    */
   bool recheck;
+  /* The live volume of a cbw store: the origin reads with the writes
+   * deferred over it (pending.c).
+   */
+  bool pending;
 };
 
 struct job;

@@ -63,6 +63,12 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_job_delay = 0;
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_job_hold = 0;
 
+/* -D snapshot.apply_delay_ms=MS: the thread that applies deferred cbw
+ * writes to the origin waits MS before each batch (pending.c), so that
+ * tests find writes pending.
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_apply_delay_ms = 0;
+
 /* -D snapshot.job_busy=1: jobs take clients to be busy all the time
  * (so tests can check snapshot-job-rate without depending on how fast
  * a client manages to send requests).

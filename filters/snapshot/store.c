@@ -22,6 +22,7 @@
 #include "cleanup.h"
 #include "mapfile.h"
 #include "origin.h"
+#include "pending.h"
 #include "store.h"
 #include "storefiles.h"
 #include "util.h"
@@ -1049,6 +1050,7 @@ store_invalidate_oldest (int *err)
 
   {
     ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+    pending_settle ();          /* deferred writes reach the origin */
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
 
     /* Room may have been made meanwhile (another writer). */
@@ -1152,6 +1154,7 @@ store_create_checkpoint (const char *name, bool bitmap_only,
                          int (*flush_origin) (void), char **errmsg)
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  pending_settle ();          /* deferred writes reach the origin */
   const char *why = snap_name_invalid (name);
   const uint64_t next_id = store.m.next_id;
   const size_t nlayers = store.m.nlayers, nckpts = store.m.nckpts;
@@ -1259,6 +1262,7 @@ int
 store_delete_checkpoint (const char *name, char **errmsg)
 {
   ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
+  pending_settle ();          /* deferred writes reach the origin */
   ssize_t i = manifest_find_checkpoint (&store.m, name);
   unsigned refs;
 

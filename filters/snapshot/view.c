@@ -18,6 +18,7 @@
 #include <nbdkit-filter.h>
 
 #include "cleanup.h"
+#include "pending.h"
 #include "store.h"
 #include "util.h"
 
@@ -95,6 +96,45 @@ source_pread (nbdkit_next *next, int src, void *buf, uint32_t count,
   return 0;
 }
 
+/* Read [offset, offset+count) of the origin for a view, with the
+ * deferred writes of the live volume over it (pending.c): they are
+ * looked up first, so that a page applied meanwhile is read from the
+ * origin after it was written there.
+ */
+static int
+origin_pread_pending (nbdkit_next *next, char *buf, uint32_t count,
+                      uint64_t offset, int *err)
+{
+  const uint64_t first = offset >> PAGE_SHIFT;
+  const uint64_t n = ((offset + count - 1) >> PAGE_SHIFT) - first + 1;
+  CLEANUP_FREE char *pages = NULL;
+  CLEANUP_FREE unsigned char *mask = NULL;
+
+  if (pending_count () == 0 || pending_find (first, first + n) == first + n)
+    return source_pread (next, -1, buf, count, offset, err);
+  pages = malloc (n << PAGE_SHIFT);
+  mask = calloc (n, 1);
+  if (pages == NULL || mask == NULL) {
+    *err = errno;
+    nbdkit_error ("malloc: %m");
+    return -1;
+  }
+  pending_collect (first, n, pages, mask);
+  if (source_pread (next, -1, buf, count, offset, err) == -1)
+    return -1;
+  for (uint64_t i = 0; i < n; ++i) {
+    uint64_t from, to;
+
+    if (!mask[i])
+      continue;
+    from = MAX (offset, page_off (first + i));
+    to = MIN (offset + count, page_off (first + i + 1));
+    memcpy (buf + (from - offset), pages + (from - page_off (first)),
+            to - from);
+  }
+  return 0;
+}
+
 int
 view_pread (nbdkit_next *next, const struct view *v, void *buf,
             uint32_t count, uint64_t offset, int *err)
@@ -108,7 +148,9 @@ view_pread (nbdkit_next *next, const struct view *v, void *buf,
     int src = view_source (v, pg, last, &run_end);
 
     len = MIN (end, page_off (run_end)) - offset;
-    if (source_pread (next, src, p, len, offset, err) == -1)
+    if ((src < 0 && v->pending
+         ? origin_pread_pending (next, p, len, offset, err)
+         : source_pread (next, src, p, len, offset, err)) == -1)
       return -1;
     /* A page kept in a layer while the origin was read: that copy is
      * what the view holds.
@@ -238,8 +280,27 @@ view_extents (nbdkit_next *next, const struct view *v, uint32_t count,
         return -1;
     }
     else {
-      int64_t reached = origin_extents (next, offset, stop, flags,
-                                        extents, err);
+      int64_t reached;
+      /* Deferred writes of the live volume are data (pending.c); the
+       * origin answers up to the first.
+       */
+      const uint64_t pend_end = ((stop - 1) >> PAGE_SHIFT) + 1;
+      const uint64_t pf = v->pending
+        ? pending_find (offset >> PAGE_SHIFT, pend_end) : pend_end;
+
+      if (page_off (pf) <= offset) {
+        uint64_t e = MIN (stop, page_off (pending_run_end (pf, run_end)));
+        if (nbdkit_add_extent (extents, offset, e - offset, 0) == -1) {
+          *err = errno;
+          return -1;
+        }
+        offset = e;
+        if (flags & NBDKIT_FLAG_REQ_ONE)
+          break;
+        continue;
+      }
+      stop = MIN (stop, page_off (pf));
+      reached = origin_extents (next, offset, stop, flags, extents, err);
       if (reached == -1)
         return -1;
       if ((uint64_t) reached < stop)
