@@ -47,8 +47,9 @@
  * of the store (store.h) no deferred write can reach the origin any
  * more (its old contents may not be durable): they stay readable
  * until the server stops, and every flush fails.  Only an exclusive
- * operation (pending_settle) that finds failed writes that fail once
- * more drops them, logged, and the next flush reports it.
+ * operation (pending_settle) that finds writes still failing after
+ * about a second of tries drops them, logged, and the next flush
+ * reports it.
  */
 #include <config.h>
 
@@ -470,13 +471,20 @@ pending_flush (void)
   return wait_for (0, 0, seq);
 }
 
+/* Tries a failing write gets in pending_settle (about a second). */
+#define SETTLE_TRIES 50
+
 void
 pending_settle (void)
 {
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&lock);
 
-  if (seq == 0 || wait_for (0, 0, seq) == 0)
-    return;
+  for (int i = 0; seq != 0 && wait_for (0, 0, seq) == -1; ++i)
+    if (i == SETTLE_TRIES)
+      goto drop;
+  return;
+
+ drop:
   /* Writes that cannot reach the origin: drop them, as nothing that
    * changes the views may run while they wait.
    */

@@ -55,8 +55,8 @@ extern uint64_t pending_run_end (uint64_t p, uint64_t end);
 extern int pending_flush (void);
 
 /* Wait until nothing is pending (store.lock exclusive: nothing new
- * can come); writes that keep failing to reach the origin are dropped
- * (logged; the next flush fails).
+ * can come); writes still failing to reach the origin after about a
+ * second of tries are dropped (logged; the next flush fails).
  */
 extern void pending_settle (void);
 
