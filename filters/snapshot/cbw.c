@@ -132,14 +132,18 @@ origin_read_pages (nbdkit_next *next, char *buf, uint64_t p, uint64_t q,
 }
 
 /* Keep the origin's pages [first, last] that the newest snapshot's
- * layer lacks, durably (the pages are locked by the caller).  Return 0,
- * or -1 with *err set.
+ * layer lacks in that layer (the pages are locked by the caller), and
+ * if durable, make it durable.  into, if not NULL, has room for the
+ * pages [first, last] and receives the old contents of those kept.
+ * Return 0, STORE_FULL (nothing kept), or -1 with *err set (nothing
+ * kept either).
  */
 static int
-preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
+keep_pages (nbdkit_next *next, uint64_t first, uint64_t last, char *into,
+            bool durable, int *err)
 {
   struct layer *l;
-  CLEANUP_FREE char *buf = NULL;
+  CLEANUP_FREE char *own = NULL;
   CLEANUP_FREE uint8_t *fresh = NULL;   /* pages kept here: 1 */
   bool kept = false;
   uint64_t p = first;
@@ -167,15 +171,21 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
   }
   while (p <= last) {
     uint64_t q;
+    char *buf;
 
     p = sbitmap_find_next_clear (&l->map, p);
     if (p > last)
       break;
     q = MIN (last + 1, sbitmap_find_next_set (&l->map, p));
-    q = MIN (q, p + PRESERVE_PAGES);
-    if (buf == NULL && (buf = malloc (PRESERVE_PAGES * PAGE_SIZE_BYTES))
-        == NULL)
-      goto err;
+    if (into)
+      buf = into + run_off (p - first);
+    else {
+      q = MIN (q, p + PRESERVE_PAGES);
+      if (own == NULL &&
+          (own = malloc (PRESERVE_PAGES * PAGE_SIZE_BYTES)) == NULL)
+        goto err;
+      buf = own;
+    }
     if (origin_read_pages (next, buf, p, q, err) == -1) {
       errno = *err;
       goto err;
@@ -194,7 +204,7 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
    * written, and the next write to them keeps them again rather than
    * trusting a copy that may not be on disk.
    */
-  if (kept && layer_sync (l) == -1)
+  if (durable && kept && layer_sync (l) == -1)
     goto err;
   return 0;
 
@@ -205,6 +215,13 @@ preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
     if (fresh[p - first])
       sbitmap_clear (&l->map, p);
   return -1;
+}
+
+/* Keep them durably, before a write in place. */
+static int
+preserve (nbdkit_next *next, uint64_t first, uint64_t last, int *err)
+{
+  return keep_pages (next, first, last, NULL, true, err);
 }
 
 /* ---- Reverting ---- */
@@ -370,15 +387,9 @@ defer_write (nbdkit_next *next, const void *buf, uint32_t count,
   struct layer *l = store.layers[store.nlayers - 1];
   const uint64_t n = last - first + 1;
   char *data;
+  int r;
 
-  if (sbitmap_count_range (&l->map, first, n) != 0)
-    return 0;
-  if (max_size_param) {
-    int r = store_room (n, err);
-    if (r != 0)
-      return r;
-  }
-  if (!pending_reserve (n))
+  if (sbitmap_count_range (&l->map, first, n) != 0 || !pending_reserve (n))
     return 0;
   data = malloc (n * PAGE_SIZE_BYTES);
   if (data == NULL) {
@@ -387,18 +398,15 @@ defer_write (nbdkit_next *next, const void *buf, uint32_t count,
     pending_unreserve (n);
     return -1;
   }
-  /* The old pages (a short last page of the volume: the rest stays
-   * zero), kept in the layer as preserve does.
+  /* The old pages, kept in the layer (a short last page of the
+   * volume: the rest stays zero), not durably yet.
    */
   memset (data + (n - 1) * PAGE_SIZE_BYTES, 0, PAGE_SIZE_BYTES);
-  if (origin_read_pages (next, data, first, last + 1, err) == -1)
-    goto err;
-  if (layer_put (l, data, first, last + 1) == -1) {
-    *err = errno;
-    nbdkit_error ("layer %" PRIu64 ": keeping the old contents: %m", l->id);
-    for (uint64_t p = first; p <= last; ++p)
-      sbitmap_clear (&l->map, p);
-    goto err;
+  r = keep_pages (next, first, last, data, false, err);
+  if (r != 0) {
+    free (data);
+    pending_unreserve (n);
+    return r;
   }
   /* The new pages: the old ones with the write over them. */
   memcpy (data + (offset - run_off (first)), buf, count);
@@ -407,11 +415,6 @@ defer_write (nbdkit_next *next, const void *buf, uint32_t count,
     return -1;
   }
   return 1;
-
- err:
-  free (data);
-  pending_unreserve (n);
-  return -1;
 }
 
 static int
