@@ -212,8 +212,7 @@ job_main (void *arg)
     return NULL;
   }
   {
-    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-    pending_settle ();          /* deferred writes reach the origin */
+    ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
     if (r == 0)
       r = j->ops->finish (j, &errmsg);
     else {
@@ -451,8 +450,7 @@ job_start_delete (const char *name, int strategy, const char *output,
                   uint64_t *commit_bytes, uint64_t *stream_bytes,
                   char **errmsg)
 {
-  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  pending_settle ();          /* deferred writes reach the origin */
+  ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
   ssize_t ci = job_snapshot (name, false, errmsg);
   struct job *j;
   bool push = false;
@@ -480,8 +478,7 @@ job_start_delete (const char *name, int strategy, const char *output,
 uint64_t
 job_start_revert (const char *name, char **errmsg)
 {
-  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  pending_settle ();          /* deferred writes reach the origin */
+  ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
   ssize_t ci = job_snapshot (name, true, errmsg);
   struct job *j;
   bool push = false;
@@ -523,8 +520,7 @@ job_resume (void)
   strcpy (j->output, mj->output);
   j->resumed = true;
   {
-    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-    pending_settle ();          /* deferred writes reach the origin */
+    ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
     CLEANUP_FREE char *errmsg = NULL;
 
     if (store.kind->plan (j, &errmsg) == -1) {

@@ -1049,8 +1049,7 @@ store_invalidate_oldest (int *err)
   ssize_t ci = -1;
 
   {
-    ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-    pending_settle ();          /* deferred writes reach the origin */
+    ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
     ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&store.job_lock);
 
     /* Room may have been made meanwhile (another writer). */
@@ -1153,8 +1152,7 @@ ssize_t
 store_create_checkpoint (const char *name, bool bitmap_only,
                          int (*flush_origin) (void), char **errmsg)
 {
-  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  pending_settle ();          /* deferred writes reach the origin */
+  ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
   const char *why = snap_name_invalid (name);
   const uint64_t next_id = store.m.next_id;
   const size_t nlayers = store.m.nlayers, nckpts = store.m.nckpts;
@@ -1261,8 +1259,7 @@ store_create_checkpoint (const char *name, bool bitmap_only,
 int
 store_delete_checkpoint (const char *name, char **errmsg)
 {
-  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock);
-  pending_settle ();          /* deferred writes reach the origin */
+  ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE ();
   ssize_t i = manifest_find_checkpoint (&store.m, name);
   unsigned refs;
 

@@ -35,7 +35,11 @@
  *     whole duration, exclusive while a snapshot is created, so the
  *     switch to a new layer waits for writes in flight and no write is
  *     split between the old and new layer.  Writer-preferring, so a
- *     snapshot is not starved by a stream of requests.
+ *     snapshot is not starved by a stream of requests.  Every change of
+ *     layers, checkpoints or jobs takes it exclusive through
+ *     ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE, which also waits until
+ *     no deferred cbw write is held (pending.h), so the views and layers
+ *     it changes never have one in flight.
  *   store.pages (rangelock.h): held over the pages a write touches, so
  *     a read-modify-write of a partial page cannot interleave with
  *     another write to the same page.
@@ -52,9 +56,11 @@
 
 #include <nbdkit-filter.h>
 
+#include "cleanup.h"
 #include "job.h"
 #include "kind.h"
 #include "manifest.h"
+#include "pending.h"
 #include "rangelock.h"
 #include "sbitmap.h"
 
@@ -225,6 +231,13 @@ extern int store_check_full_policy (void);
  * store unlocked, then tries again.
  */
 #define STORE_FULL (-2)
+
+/* Hold store.lock exclusive until the end of the enclosing block, once
+ * every deferred write is in the origin (pending_settle).
+ */
+#define ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE() \
+  ACQUIRE_WRLOCK_FOR_CURRENT_SCOPE (&store.lock); \
+  pending_settle ()
 
 /* Whether npages more pages fit in the store (store.lock shared):
  * 0 if they do; -1 with *err = ENOSPC if not (reported); STORE_FULL if
