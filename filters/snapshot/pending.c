@@ -34,7 +34,8 @@
  * - everything that takes store.lock exclusively (snapshots,
  *   checkpoints, jobs, a full store's invalidation) waits until nothing
  *   is pending (pending_settle): the views and layers it changes never
- *   have writes in flight;
+ *   have writes in flight.  They take the lock with
+ *   ACQUIRE_STORE_EXCLUSIVE_FOR_CURRENT_SCOPE (store.h), which does both;
  * - a crash loses only writes no flush covered, which NBD allows.
  *
  * A deferred write whose layer sync or origin write fails stays in the
