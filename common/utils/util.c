@@ -115,6 +115,15 @@ snap_now_ns (void)
   return ts.tv_sec * INT64_C (1000000000) + ts.tv_nsec;
 }
 
+void
+snap_sleep_ms (int ms)
+{
+  struct timespec ts = { .tv_sec = ms / 1000,
+                         .tv_nsec = (ms % 1000) * 1000000L };
+
+  nanosleep (&ts, NULL);
+}
+
 int
 fsync_dir (const char *dir)
 {

@@ -49,6 +49,9 @@ snap_mix64 (uint64_t x)
  */
 extern int64_t snap_now_ns (void);
 
+/* Sleep ms milliseconds. */
+extern void snap_sleep_ms (int ms);
+
 /* Error reporting used by common/ code.  snap_error is defined here,
  * on top of snap_verror, which each program (the filter, the plugin,
  * nbdsnap, the unit tests) provides: the filter and the plugin forward

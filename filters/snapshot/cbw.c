@@ -349,6 +349,15 @@ revert_save (nbdkit_next *next)
     if (origin_flush () == -1)
       goto out;
   }
+  /* The bits in the batch were taken before the flush: a page the job
+   * or a client puts back from now on is not in it, since its write to
+   * the origin is not flushed yet.
+   */
+  if (snapshot_debug_revert_save_delay_ms > 0) {
+    nbdkit_debug ("snapshot: revert progress: origin flushed, "
+                  "waiting %d ms", snapshot_debug_revert_save_delay_ms);
+    snap_sleep_ms (snapshot_debug_revert_save_delay_ms);
+  }
   r = mapfile_write (store.revert_fd, &batch);
  out:
   if (r == -1) {

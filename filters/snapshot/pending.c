@@ -153,16 +153,6 @@ pending_unreserve (uint64_t n)
   reserved -= n;
 }
 
-/* Sleep MS milliseconds. */
-static void
-sleep_ms (int ms)
-{
-  struct timespec ts = { .tv_sec = ms / 1000,
-                         .tv_nsec = (ms % 1000) * 1000000L };
-
-  nanosleep (&ts, NULL);
-}
-
 /* Try a batch of n writes: sync each layer it names once, then write
  * the pages of each write whose layer synced into the origin.  Set
  * ok[i] for the writes that reached the origin; sync[] (n entries) is
@@ -236,7 +226,7 @@ apply_thread (void *arg)
       break;
     pthread_mutex_unlock (&lock);
     if (snapshot_debug_apply_delay_ms > 0)
-      sleep_ms (snapshot_debug_apply_delay_ms);
+      snap_sleep_ms (snapshot_debug_apply_delay_ms);
     pthread_mutex_lock (&lock);
     batch = queue;
     queue = NULL;
@@ -287,7 +277,7 @@ apply_thread (void *arg)
     pthread_cond_broadcast (&done);
     if (failed && !stopping) {
       pthread_mutex_unlock (&lock);
-      sleep_ms (RETRY_MS);
+      snap_sleep_ms (RETRY_MS);
       pthread_mutex_lock (&lock);
     }
   }

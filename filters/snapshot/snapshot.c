@@ -69,6 +69,12 @@ NBDKIT_DLL_PUBLIC int snapshot_debug_job_hold = 0;
  */
 NBDKIT_DLL_PUBLIC int snapshot_debug_apply_delay_ms = 0;
 
+/* -D snapshot.revert_save_delay_ms=MS: saving a cbw revert's progress
+ * waits MS after the origin flush, before the map is written, so that
+ * tests can have the job go on in between.
+ */
+NBDKIT_DLL_PUBLIC int snapshot_debug_revert_save_delay_ms = 0;
+
 /* -D snapshot.job_busy=1: jobs take clients to be busy all the time
  * (so tests can check snapshot-job-rate without depending on how fast
  * a client manages to send requests).

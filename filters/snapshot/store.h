@@ -174,6 +174,7 @@ extern int snapshot_debug_verbose;
 extern int snapshot_debug_job_delay;
 extern int snapshot_debug_job_hold;
 extern int snapshot_debug_apply_delay_ms;
+extern int snapshot_debug_revert_save_delay_ms;
 extern int snapshot_debug_job_busy;
 extern int snapshot_debug_origin_probe_ms;
 extern int snapshot_debug_intent_clear_ms;
