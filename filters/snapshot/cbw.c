@@ -349,9 +349,9 @@ revert_save (nbdkit_next *next)
     if (origin_flush () == -1)
       goto out;
   }
-  /* The bits in the batch were taken before the flush: a page the job
-   * or a client puts back from now on is not in it, since its write to
-   * the origin is not flushed yet.
+  /* The bits in the batch were taken before the flush: a page that the
+   * job puts back, or a client writes, from here on is not in it, since
+   * its write to the origin is not flushed yet.
    */
   if (snapshot_debug_revert_save_delay_ms > 0) {
     nbdkit_debug ("snapshot: revert progress: origin flushed, "
