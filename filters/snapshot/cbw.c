@@ -421,6 +421,11 @@ defer_write (nbdkit_next *next, const void *buf, uint32_t count,
   memcpy (data + (offset - run_off (first)), buf, count);
   if (pending_add (l, first, n, data) == -1) {
     *err = errno;
+    /* Kept, not durably, for a write that fails: forget them as
+     * keep_pages does on failure, so that the next write to these
+     * pages keeps them again, durably, before it goes in place.
+     */
+    sbitmap_clear_range (&l->map, first, n);
     return -1;
   }
   return 1;
